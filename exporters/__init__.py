@@ -1,0 +1,1 @@
+"""Exporters: verified QONNX and QCDQ ONNX files for target compilers and runtimes."""

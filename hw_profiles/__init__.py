@@ -1,0 +1,1 @@
+"""Registry of deployment targets: supported bit widths, scale formats and default budgets."""

@@ -1,0 +1,37 @@
+"""HardwareProfile: what a deployment target runs (bit widths per layer kind, scale format)
+and its default budgets. Loaded from one TOML file per target (see ``loader``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ompq_plugin.budgets import Budgets
+
+LAYER_KINDS = ("conv", "depthwise", "pointwise", "linear")
+
+
+@dataclass(frozen=True)
+class BitChoices:
+    """Bit widths a target runs for one layer kind (sorted ascending, no duplicates)."""
+
+    weight: tuple[int, ...]
+    activation: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    sources: tuple[str, ...]
+    default_bits: BitChoices
+    # Per layer kind overrides of ``default_bits`` (e.g. depthwise limited to 8 bit).
+    kind_bits: dict[str, BitChoices] = field(default_factory=dict)
+    power_of_two_scales: bool = False  # scales must be 2^k (hls4ml / FINN style fixed point)
+    per_channel_weights: bool = True  # per-output-channel weight scales allowed
+    pinned_weight_bits: int = 8  # first and last layer, unless the user pins otherwise
+    pinned_act_bits: int = 8
+    budgets: Budgets = field(default_factory=Budgets)
+    path: str | None = None  # file it was loaded from
+
+    def bits_for(self, kind: str) -> BitChoices:
+        return self.kind_bits.get(kind, self.default_bits)

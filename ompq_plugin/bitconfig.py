@@ -1,0 +1,180 @@
+"""BitConfig: the per-layer bit widths that the search hands to quantization and export.
+
+It is plain JSON on disk (``save``/``load`` round-trip exactly), so every later step can run on
+its own and a person can read or edit the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ompq_plugin.budgets import Budgets
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.fileio import write_text_atomic
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """One quantizable layer's bits and the figures the budgets were computed from.
+
+    ``act_bits`` are the bits of the layer's *input* activation; layers in the same
+    ``act_group`` read the same quantized tensor and so share ``act_bits``.
+    """
+
+    name: str
+    kind: str
+    weight_bits: int
+    act_bits: int
+    params: int
+    macs: int
+    input_numel: int
+    act_group: str
+    theta: float | None = None
+    gamma: float | None = None
+
+    @property
+    def weight_memory_bits(self) -> int:
+        return self.params * self.weight_bits
+
+    @property
+    def bops(self) -> int:
+        return self.macs * self.weight_bits * self.act_bits
+
+    @property
+    def act_buffer_bits(self) -> int:
+        return self.input_numel * self.act_bits
+
+
+@dataclass(frozen=True)
+class Totals:
+    weight_memory_bits: int
+    bops: int
+    max_act_buffer_bits: int
+
+    @staticmethod
+    def of(layers: list[LayerBits]) -> Totals:
+        return Totals(
+            weight_memory_bits=sum(lb.weight_memory_bits for lb in layers),
+            bops=sum(lb.bops for lb in layers),
+            max_act_buffer_bits=max((lb.act_buffer_bits for lb in layers), default=0),
+        )
+
+
+@dataclass
+class BitConfig:
+    model: str
+    profile: str
+    method: str
+    layers: list[LayerBits]
+    budgets: Budgets = field(default_factory=Budgets)
+    beta: float | None = None
+    samples: int | None = None
+    seed: int | None = None
+    orm_form: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def totals(self) -> Totals:
+        return Totals.of(self.layers)
+
+    @property
+    def total_params(self) -> int:
+        return sum(lb.params for lb in self.layers)
+
+    @property
+    def average_weight_bits(self) -> float:
+        return self.totals.weight_memory_bits / max(self.total_params, 1)
+
+    def layer(self, name: str) -> LayerBits:
+        for lb in self.layers:
+            if lb.name == name:
+                return lb
+        raise OmpqError(f"layer {name!r} is not in this BitConfig (model {self.model})")
+
+    def by_name(self) -> dict[str, LayerBits]:
+        return {lb.name: lb for lb in self.layers}
+
+    # --- JSON --------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        totals = asdict(self.totals)
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "profile": self.profile,
+            "method": self.method,
+            "beta": self.beta,
+            "samples": self.samples,
+            "seed": self.seed,
+            "orm_form": self.orm_form,
+            "layers": [asdict(lb) for lb in self.layers],
+            "totals": totals,
+            "budgets": self.budgets.to_json(),
+            "timings": self.timings,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "BitConfig") -> BitConfig:
+        try:
+            version = data["schema_version"]
+            if version != SCHEMA_VERSION:
+                raise OmpqError(
+                    f"{source}: schema_version {version} is not supported (this tool reads "
+                    f"{SCHEMA_VERSION}); re-run `ompq search` to regenerate it"
+                )
+            layers = [LayerBits(**lb) for lb in data["layers"]]
+            config = cls(
+                model=str(data["model"]),
+                profile=str(data["profile"]),
+                method=str(data["method"]),
+                layers=layers,
+                budgets=Budgets.from_json(data.get("budgets", {})),
+                beta=data.get("beta"),
+                samples=data.get("samples"),
+                seed=data.get("seed"),
+                orm_form=data.get("orm_form"),
+                timings=dict(data.get("timings", {})),
+                versions=dict(data.get("versions", {})),
+            )
+        except OmpqError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OmpqError(
+                f"{source} is not a valid BitConfig ({type(exc).__name__}: {exc}); "
+                "re-run `ompq search` to regenerate it"
+            ) from None
+        for lb in layers:
+            for attr in ("weight_bits", "act_bits"):
+                bits = getattr(lb, attr)
+                if not isinstance(bits, int) or not 1 <= bits <= 32:
+                    raise OmpqError(f"{source}: layer {lb.name} has {attr}={bits!r}; use 1..32")
+        stored = data.get("totals")
+        if stored is not None and stored != asdict(config.totals):
+            raise OmpqError(
+                f"{source}: stored totals do not match its layers (file edited by hand?); "
+                "fix the layers or delete the 'totals' entry"
+            )
+        return config
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BitConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise OmpqError(f"bit configuration {path} not found: check the path") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OmpqError(f"{path} is not valid JSON ({exc}); re-run `ompq search`") from None
+        if not isinstance(data, dict):
+            raise OmpqError(f"{path} is not a BitConfig (expected a JSON object)")
+        return cls.from_json(data, source=str(path))

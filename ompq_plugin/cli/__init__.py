@@ -1,0 +1,40 @@
+"""The ``ompq`` command: a thin layer over the public API.
+
+Each sub-command lives in its own module with ``add_parser(subparsers)``; the parser's
+``func`` runs it. Exit codes: 0 success, 1 user error (one line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ompq_plugin.errors import OmpqError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ompq_plugin.cli import search_cmd
+
+    parser = argparse.ArgumentParser(prog="ompq", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (search_cmd,):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OmpqError as exc:
+        print(f"ompq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ompq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

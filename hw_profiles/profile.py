@@ -32,6 +32,13 @@ class HardwareProfile:
     pinned_act_bits: int = 8
     budgets: Budgets = field(default_factory=Budgets)
     path: str | None = None  # file it was loaded from
+    # (weight bits, activation bits) combinations the target cannot run even though each width
+    # is allowed on its own (e.g. CMSIS-NN has int4-weight kernels only for int8 activations).
+    excluded_pairs: tuple[tuple[int, int], ...] = ()
 
     def bits_for(self, kind: str) -> BitChoices:
         return self.kind_bits.get(kind, self.default_bits)
+
+    def pair_allowed(self, weight_bits: int, act_bits: int) -> bool:
+        """False if the target cannot run this weight / input-activation bit combination."""
+        return (weight_bits, act_bits) not in self.excluded_pairs

@@ -1,0 +1,201 @@
+"""Search speed and memory: OMPQ search vs one float forward pass of the same N images.
+
+Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Writes
+bench/results/search_speed.json. Run: ``OMPQ_DATA_DIR=../shared/data python bench/search_speed.py``
+(about 5 minutes on 2 cores). ImageNet-shape models use CIFAR images upsampled to 224x224 and
+random weights: they measure speed and memory only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = [
+    ("resnet20", 64),
+    ("resnet56", 64),
+    ("mobilenetv2", 32),
+    ("resnet50", 32),
+    ("resnet50", 64),
+]
+RESULTS = Path(__file__).resolve().parent / "results" / "search_speed.json"
+
+
+def run_case(model_name: str, n: int, threads: int) -> dict:
+    import torch
+
+    from ompq_plugin.data import resolve_data_dir, search_samples
+    from ompq_plugin.models import build_model
+    from ompq_plugin.search import run_search
+
+    torch.set_num_threads(threads)
+    data_dir = resolve_data_dir(None)
+    model, spec = build_model(model_name, data_dir=data_dir)
+    x = search_samples(data_dir, spec, n, seed=0)
+    with torch.no_grad():
+        model(x)  # warm-up
+        forward = []
+        for _ in range(2):
+            start = time.perf_counter()
+            model(x)
+            forward.append(time.perf_counter() - start)
+    run_search(model, x, "generic")  # warm-up (fx trace, CBC start)
+    start = time.perf_counter()
+    result = run_search(model, x, "generic", model_name=model_name)
+    total = time.perf_counter() - start
+    t = result.config.timings
+    return {
+        "model": model_name,
+        "pretrained": spec.pretrained,
+        "input": list(x.shape),
+        "layers": len(result.config.layers),
+        "float_forward_s": min(forward),
+        "search_total_s": total,
+        "features_s": t["features_s"],
+        "orm_s": t["orm_s"],
+        "solve_s": t["solve_s"],
+        "other_s": total - sum(t.values()),
+        "ratio_to_forward": total / min(forward),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def solve_resnet50_ip() -> dict:
+    """Integer program alone: ResNet-50, 7 weight x 4 activation choices, memory + BOPs."""
+    import torch
+
+    from ompq_plugin.allocate import AllocationLayer, AllocationProblem, eq10_coefficients, solve
+    from ompq_plugin.budgets import Budgets
+    from ompq_plugin.layers import discover_layers
+    from ompq_plugin.models import build_model
+
+    model, _ = build_model("resnet50")
+    found = discover_layers(model, torch.randn(1, 3, 224, 224))
+    weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
+    layers = tuple(
+        AllocationLayer(l.name, l.kind, l.params, l.macs, l.input_numel, l.act_group, weights, acts)
+        for l in found.layers
+    )
+    theta = [math.exp(-0.1 * i % 7) for i in range(len(layers))]
+    pins = {layers[0].name: (8, 8), layers[-1].name: (8, 8)}
+    budgets = Budgets(weight_memory_bits=4 * found.total_params, bops=found.total_macs * 4 * 6)
+    problem = AllocationProblem(layers, tuple(eq10_coefficients(theta)), budgets, pins)
+    solve(problem)  # warm-up: CBC library load
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        allocation = solve(problem)
+        runs.append(time.perf_counter() - start)
+    return {
+        "layers": len(layers),
+        "act_groups": len({l.act_group for l in layers}),
+        "weight_choices": len(weights),
+        "act_choices": len(acts),
+        "budgets": ["weight_memory = 4 bit avg", "bops = 4 x 6 bit avg"],
+        "status": allocation.status,
+        "solve_s_best_of_3": min(runs),
+        "solve_s_runs": runs,
+    }
+
+
+def orm_form_spread() -> dict:
+    """How far importances spread under each ORM form (ResNet-20, real weights and images)."""
+    import numpy as np
+
+    from ompq_plugin.data import resolve_data_dir, search_samples
+    from ompq_plugin.features import collect_grams
+    from ompq_plugin.importance import gamma_from_orm
+    from ompq_plugin.layers import discover_layers
+    from ompq_plugin.models import build_model
+    from ompq_plugin.orm import orm_matrix
+
+    data_dir = resolve_data_dir(None)
+    model, spec = build_model("resnet20", data_dir=data_dir)
+    x = search_samples(data_dir, spec, 64, seed=0)
+    found = discover_layers(model, x[:1])
+    grams = collect_grams(model, found, x).grams
+    out = {}
+    for form in ("centred", "uncentred"):
+        k = orm_matrix(grams, form)[1:-1, 1:-1]  # free layers, as the search uses them
+        off = k[~np.eye(len(k), dtype=bool)]
+        gamma = gamma_from_orm(k)
+        out[form] = {
+            "offdiag_orm_min": float(off.min()),
+            "offdiag_orm_mean": float(off.mean()),
+            "gamma_min": float(gamma.min()),
+            "gamma_max": float(gamma.max()),
+            "gamma_range_over_mean": float((gamma.max() - gamma.min()) / gamma.mean()),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", nargs=2, metavar=("MODEL", "N"))
+    parser.add_argument("--ip", action="store_true")
+    parser.add_argument("--spread", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.threads)))
+        return
+    if args.ip:
+        print(json.dumps(solve_resnet50_ip()))
+        return
+    if args.spread:
+        print(json.dumps(orm_form_spread()))
+        return
+
+    def child(*extra: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, __file__, *extra, "--threads", str(args.threads)],
+            check=True, capture_output=True, text=True, env=os.environ,
+        ).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    cases = []
+    for model_name, n in CASES:
+        print(f"search {model_name} N={n} ...", flush=True)
+        cases.append(child("--case", model_name, str(n)))
+        print(json.dumps(cases[-1]), flush=True)
+    print("ResNet-50 integer program ...", flush=True)
+    ip = child("--ip")
+    spread = child("--spread")
+    import torch
+
+    results = {
+        "machine": {
+            "cpu_threads": args.threads,
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "measured": time.strftime("%Y-%m-%d"),
+        "searches": cases,
+        "resnet50_integer_program": ip,
+        "orm_form_spread_resnet20": spread,
+        "targets": {
+            "search_within_1.5x_forward": all(c["ratio_to_forward"] <= 1.5 for c in cases),
+            "resnet50_n64_peak_under_4GB": all(
+                c["peak_rss_mib"] < 4096 for c in cases if c["model"] == "resnet50"
+            ),
+            "resnet50_ip_optimal_under_1s": ip["status"] == "optimal"
+            and ip["solve_s_best_of_3"] < 1.0,
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["targets"], indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

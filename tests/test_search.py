@@ -1,0 +1,151 @@
+"""End-to-end search on ResNet-20 with real weights and real CIFAR-10 images, API and CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.budgets import KIB_BITS, Budgets
+from ompq_plugin.cli import main
+from ompq_plugin.data import search_samples
+from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
+from ompq_plugin.hw_profiles import load_profile
+from ompq_plugin.models import build_model
+from ompq_plugin.search import parse_pin, run_search, search
+
+
+@pytest.fixture(scope="module")
+def resnet20(data_dir):
+    model, spec = build_model("resnet20", data_dir=data_dir)
+    assert spec.pretrained
+    samples = search_samples(data_dir, spec, 64, seed=0)
+    return model, samples
+
+
+@pytest.fixture(scope="module")
+def four_bit(resnet20):
+    model, samples = resnet20
+    params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight.dim() > 1)
+    budgets = Budgets(weight_memory_bits=4 * params)
+    return run_search(model, samples, "generic", budgets, model_name="resnet20", seed=0), budgets
+
+
+def test_search_meets_budget_pins_first_last_and_records_provenance(four_bit):
+    result, budgets = four_bit
+    config = result.config
+    assert len(config.layers) == 20
+    assert config.totals.weight_memory_bits <= budgets.weight_memory_bits
+    # The budget binds: 4-bit average leaves little slack (< one bit on the largest layer).
+    assert config.totals.weight_memory_bits > budgets.weight_memory_bits - 36864
+    first, last = config.layers[0], config.layers[-1]
+    assert (first.weight_bits, first.act_bits, last.weight_bits, last.act_bits) == (8, 8, 8, 8)
+    assert first.theta is None and last.theta is None  # pinned layers sit out of the importance
+    allowed = set(load_profile("generic").default_bits.weight)
+    assert {lb.weight_bits for lb in config.layers} <= allowed
+    assert len({lb.weight_bits for lb in config.layers}) > 1  # a real mixed-precision answer
+    assert config.samples == 64 and config.orm_form == "centred" and config.beta == 1.0
+    assert set(config.timings) == {"features_s", "orm_s", "solve_s"}
+    assert "torch" in config.versions and "mip" in config.versions
+
+
+def test_orm_matrix_of_real_features_is_a_valid_similarity(four_bit):
+    k = four_bit[0].orm
+    assert k.shape == (20, 20)
+    assert (k == k.T).all() and (k.diagonal() == 1).all()
+    assert 0 <= k.min() and k.max() <= 1
+    # Neighbouring layers share more than distant ones (the basis of OMPQ's importance).
+    assert k[1, 2] > k[1, 18]
+
+
+def test_search_is_deterministic_for_a_seed(resnet20, four_bit):
+    model, samples = resnet20
+    again = search(model, samples, "generic", four_bit[1], model_name="resnet20", seed=0)
+    assert [lb.weight_bits for lb in again.layers] == [
+        lb.weight_bits for lb in four_bit[0].config.layers
+    ]
+
+
+def test_bops_and_act_buffer_budgets_are_met(resnet20):
+    model, samples = resnet20
+    budgets = Budgets(bops=0.9e9, act_buffer_bits=16 * 32 * 32 * 6)
+    config = search(model, samples, "generic", budgets)
+    assert config.totals.bops <= 0.9e9
+    assert config.totals.max_act_buffer_bits <= 16 * 32 * 32 * 6
+    acts = {lb.act_group: lb.act_bits for lb in config.layers}
+    assert all(lb.act_bits == acts[lb.act_group] for lb in config.layers)
+
+
+def test_infeasible_budget_names_the_smallest_feasible_value(resnet20):
+    model, samples = resnet20
+    with pytest.raises(InfeasibleBudgetError, match=r"weight memory.*KiB"):
+        search(model, samples, "generic", Budgets(weight_memory_bits=10 * KIB_BITS))
+
+
+def test_nan_activations_name_the_layer(resnet20):
+    model, samples = resnet20
+    broken = type(model)(3)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.layer2[0].conv1.weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(OmpqError, match="layer layer2.0.conv1 produced NaN"):
+        search(broken.eval(), samples, "generic")
+
+
+def test_user_pins_and_bad_pins(resnet20):
+    model, samples = resnet20
+    config = search(model, samples, "generic", pins={"layer2.0.conv1": (3, None)})
+    assert config.layer("layer2.0.conv1").weight_bits == 3
+    with pytest.raises(OmpqError, match="unknown layers"):
+        search(model, samples, "generic", pins={"nope": (4, 4)})
+    with pytest.raises(OmpqError, match="runs conv weights at"):
+        search(model, samples, "tensorrt", pins={"layer1.0.conv1": (4, 8)})
+    assert parse_pin("a.b=4/*") == ("a.b", (4, None))
+    with pytest.raises(OmpqError, match="NAME=W/A"):
+        parse_pin("a.b=4")
+
+
+def test_bitconfig_round_trip_and_corrupt_files(four_bit, tmp_path):
+    config = four_bit[0].config
+    path = tmp_path / "bits.json"
+    config.save(path)
+    again = BitConfig.load(path)
+    assert again.to_json() == config.to_json()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(OmpqError, match="not valid JSON"):
+        BitConfig.load(tmp_path / "bad.json")
+    data = config.to_json()
+    data["layers"][3]["weight_bits"] = 1 if data["layers"][3]["weight_bits"] != 1 else 2
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    with pytest.raises(OmpqError, match="totals do not match"):
+        BitConfig.load(tmp_path / "edited.json")
+    with pytest.raises(OmpqError, match="not found"):
+        BitConfig.load(tmp_path / "missing.json")
+
+
+def test_cli_search_round_trip(data_dir, tmp_path, capsys):
+    out = tmp_path / "bits.json"
+    rc = main(["search", "--data", str(data_dir), "--profile", "hls4ml", "--avg-weight-bits", "5",
+               "--bops-g", "1.5", "--samples", "32", "-o", str(out), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    config = BitConfig.load(out)
+    assert printed == config.to_json()
+    assert config.profile == "hls4ml" and config.samples == 32
+    assert config.totals.bops <= 1.5e9
+    assert config.average_weight_bits <= 5
+
+
+def test_cli_errors_are_one_line_and_leave_no_file(data_dir, tmp_path, capsys):
+    out = tmp_path / "bits.json"
+    rc = main(["search", "--data", str(data_dir), "--avg-weight-bits", "0.5", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("ompq: error:") and err.count("\n") == 1
+    assert "smallest" in err and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    rc = main(["search", "--data", str(tmp_path / "nowhere"), "-o", str(out)])
+    assert rc == 1 and "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["search", "--bogus"])
+    assert usage.value.code == 2

@@ -1,0 +1,121 @@
+"""Verified QCDQ export (QuantizeLinear / Clip / DequantizeLinear ONNX) for onnxruntime-style
+runtimes. Same annotations and checks as :mod:`exporters.qonnx`, executed in onnxruntime.
+
+QCDQ carries at most 8-bit activations and weights (int8 / uint8 with a Clip for narrower
+ranges); 32-bit biases use int32 DequantizeLinear. Bits are read back from the Clip bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from ompq_plugin.errors import OmpqError
+
+from .qonnx import (
+    DEFAULT_TOL,
+    ExportReport,
+    annotate,
+    as_images,
+    brevitas_export,
+    expected_bits,
+    find_bitconfig,
+    map_layers,
+    save_atomic,
+    verify_qonnx,
+    write_metadata,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ompq_plugin.bitconfig import BitConfig
+
+MAX_QCDQ_BITS = 8
+
+
+def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
+    """Run the graph in onnxruntime one image at a time; ``full``: every tensor of image 0."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if full:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        have = {o.name for o in model.graph.output}
+        for node in model.graph.node:
+            for out in node.output:
+                if out and out not in have:
+                    model.graph.output.append(onnx.ValueInfoProto(name=out))
+                    have.add(out)
+        # ORT checks that every graph output has a type; let it infer them
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]}); "
+                        "export a model with at most 8-bit weights and activations") from None
+    iname = sess.get_inputs()[0].name
+    if full:
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, {iname: images[:1]})
+        return dict(zip(names, values, strict=True))
+    return np.concatenate([sess.run(None, {iname: images[i : i + 1]})[0]
+                           for i in range(len(images))])
+
+
+def export_qcdq(
+    qmodel: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: Any,
+    bits: BitConfig | None = None,
+    *,
+    tol: float = DEFAULT_TOL,
+    exact: bool | None = None,
+) -> ExportReport:
+    """Export ``qmodel`` as QCDQ ONNX, verified in onnxruntime on ``example_input`` (N real
+    images) against torch before the file is written."""
+    t0 = time.perf_counter()
+    images = as_images(example_input)
+    was_training = qmodel.training
+    qmodel.eval()
+    bits = find_bitconfig(qmodel, bits)
+    try:
+        expected = expected_bits(qmodel, bits)
+        too_wide = [(n, e) for n, e in expected.items()
+                    if e.weight_bits > MAX_QCDQ_BITS or (e.act_bits or 0) > MAX_QCDQ_BITS]
+        if too_wide:
+            name, e = too_wide[0]
+            raise OmpqError(
+                f"layer {name} has {e.weight_bits}-bit weights / {e.act_bits}-bit activations; "
+                f"QCDQ carries at most {MAX_QCDQ_BITS} bits: use --format qonnx for this model"
+            )
+        with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
+            from brevitas.export import export_onnx_qcdq
+
+            model = brevitas_export(export_onnx_qcdq, qmodel, images[:1], Path(tmp) / "raw.onnx")
+        t_export = time.perf_counter()
+        annotate(model, map_layers(model, qmodel, images[:1]), expected)
+        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact,
+                           runner=run_onnxruntime, runtime="onnxruntime")
+        t_verify = time.perf_counter()
+        node_map = write_metadata(model, "qcdq", bits, ver)
+        target = save_atomic(model, path)
+    finally:
+        qmodel.train(was_training)
+    return ExportReport(
+        path=target, format="qcdq", layers=ver.layers, node_map=node_map,
+        n_images=ver.n_images, max_abs_diff=ver.max_abs_diff, exact=ver.exact,
+        tolerance=ver.tolerance, runtime="onnxruntime", verified=True,
+        seconds={"export": t_export - t0, "verify": t_verify - t_export,
+                 "total": time.perf_counter() - t0},
+    )

@@ -1,0 +1,447 @@
+"""Verified QONNX export of a Brevitas integer-only model, with per-layer bit annotations.
+
+Flow of :func:`export_qonnx`:
+
+1. Brevitas QONNX export (TorchScript path) of the model on one example image;
+2. map every Conv/Gemm node to its PyTorch layer (weight initializer ``<layer>.weight``, else
+   forward order + weight shape) and annotate it, its weight / bias / input ``Quant`` nodes with
+   ``ompq.*`` ``metadata_props`` (and a ``doc_string``) *before* qonnx cleanup renames nodes;
+3. qonnx cleanup; graph ``metadata_props``: ``ompq.bitconfig`` (BitConfig JSON), ``ompq.node_map``
+   (torch name -> ONNX node names), ``ompq.verification``;
+4. verify: bits read back from each layer's Quant nodes == BitConfig, and the graph executed with
+   qonnx on every example image == the torch quantized model (bit-exact with power-of-two scales,
+   within ``tol`` otherwise); on a mismatch an :class:`OmpqError` names the first diverging layer;
+5. only then write the file (atomically: complete or absent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.fileio import atomic_path
+
+from . import verify as V
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ompq_plugin.bitconfig import BitConfig
+
+DEFAULT_TOL = 1e-5
+
+
+@dataclass
+class LayerExport:
+    """One quantized layer in the written file."""
+
+    name: str  # PyTorch module name
+    node: str  # ONNX node (Conv / Gemm / MatMul) in the written file
+    op: str
+    weight_bits: int | None  # read back from the file
+    act_bits: int | None  # read back from the file (input activation)
+    expected_weight_bits: int | None
+    expected_act_bits: int | None
+    source: str  # where the expectation came from: "BitConfig" or "model"
+    weight_quant_node: str | None = None
+    act_quant_node: str | None = None
+
+
+@dataclass
+class ExportReport:
+    """What was written and how it was verified."""
+
+    path: Path
+    format: str  # "qonnx" or "qcdq"
+    layers: list[LayerExport]
+    node_map: dict[str, str]  # torch layer name -> ONNX node name in the written file
+    n_images: int
+    max_abs_diff: float
+    exact: bool  # True: outputs had to be bit-identical (power-of-two scales)
+    tolerance: float
+    runtime: str  # "qonnx" or "onnxruntime"
+    verified: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    hls4ml: Any = None  # exporters.hls4ml_check.Hls4mlReport when the check ran
+
+    @property
+    def bits(self) -> dict[str, tuple[int | None, int | None]]:
+        """Per layer (weight bits, act bits) as read back from the file."""
+        return {lx.name: (lx.weight_bits, lx.act_bits) for lx in self.layers}
+
+    def summary(self) -> str:
+        crit = "bit-exact" if self.exact else f"tolerance {self.tolerance:g}"
+        lines = [
+            f"wrote {self.path} ({self.format}, {len(self.layers)} quantized layers)",
+            f"verified with {self.runtime} on {self.n_images} images against torch: "
+            f"max |diff| = {self.max_abs_diff:.3g} ({crit}): "
+            f"{'PASS' if self.verified else 'FAIL'}",
+            f"bits read back from the file match the {self._sources()} for every layer",
+        ]
+        if self.hls4ml is not None:
+            lines.append(self.hls4ml.summary())
+        return "\n".join(lines)
+
+    def _sources(self) -> str:
+        return " / ".join(sorted({lx.source for lx in self.layers})) or "model"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["hls4ml"] = self.hls4ml.to_json() if self.hls4ml is not None else None
+        return data
+
+
+# ------------------------------------------------------------------------------------------------
+# torch side: which layers, which bits
+
+
+def quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
+    """Name -> Brevitas weight layer (QuantConv*/QuantLinear), in module order."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return {n: m for n, m in qmodel.named_modules()
+            if isinstance(m, QuantWeightBiasInputOutputLayer)}
+
+
+def module_weight_bits(module: nn.Module) -> int:
+    return int(round(float(module.weight_quant.bit_width())))
+
+
+def find_bitconfig(qmodel: nn.Module, bits: BitConfig | None) -> BitConfig | None:
+    if bits is not None:
+        return bits
+    for attr in ("ompq_bitconfig", "bitconfig", "bit_config"):
+        found = getattr(qmodel, attr, None)
+        if found is not None and hasattr(found, "layers"):
+            return found
+    return None
+
+
+def expected_bits(qmodel: nn.Module, bits: BitConfig | None) -> dict[str, V.Expected]:
+    """Per torch layer the bits the file must carry: the BitConfig's where it names the layer,
+    else the module's own weight quantizer (e.g. the fixed shortcut convs)."""
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise OmpqError("the model has no Brevitas quantized layers: run `ompq quantize` first")
+    expected = {n: V.Expected(module_weight_bits(m), None, "model") for n, m in layers.items()}
+    if bits is not None:
+        for lb in bits.layers:
+            expected[lb.name] = V.Expected(lb.weight_bits, lb.act_bits, "BitConfig")
+    return expected
+
+
+def forward_order(qmodel: nn.Module, image: torch.Tensor) -> list[str]:
+    """Quantized layers in the order the forward pass calls them."""
+    import torch
+
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_a, n=n: order.append(n))
+               for n, m in quant_layers(qmodel).items()]
+    try:
+        with torch.no_grad():
+            qmodel(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def as_images(example_input: Any) -> torch.Tensor:
+    import torch
+
+    x = example_input
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise OmpqError("example_input must be a tensor of images (N x C x H x W)")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.shape[0] == 0:
+        raise OmpqError("example_input is empty: pass a few real images (N x C x H x W)")
+    return x.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# graph side
+
+
+def map_layers(
+    model: onnx.ModelProto, qmodel: nn.Module, image: torch.Tensor
+) -> dict[str, str]:
+    """ONNX layer node name -> torch layer name for the freshly exported graph."""
+    layers = quant_layers(qmodel)
+    g = V.Graph(model)
+    nodes = [n for n in g.graph.node if V.is_weight_layer(g, n)]
+    mapping: dict[str, str] = {}
+    for node in nodes:
+        _, wname = V.weight_quant(g, node)
+        if wname and wname.endswith(".weight") and wname[: -len(".weight")] in layers:
+            mapping[node.name] = wname[: -len(".weight")]
+    if len(mapping) == len(nodes) == len(layers):
+        return mapping
+    # fall back to forward order, checked by weight shapes
+    order = forward_order(qmodel, image)
+    if len(order) != len(nodes):
+        raise OmpqError(
+            f"the exported graph has {len(nodes)} weight layers but the model runs "
+            f"{len(order)} quantized layers; export a model without shared or unused layers"
+        )
+    mapping = {}
+    for node, name in zip(nodes, order, strict=True):
+        _, wname = V.weight_quant(g, node)
+        shape = g.shape(wname) if wname else None
+        want = list(layers[name].weight.shape)
+        if shape is not None and sorted(shape) != sorted(want):
+            raise OmpqError(
+                f"cannot match ONNX node {node.name} (weight {shape}) to layer {name} "
+                f"(weight {want}); export with the TorchScript exporter (dynamo=False)"
+            )
+        mapping[node.name] = name
+    return mapping
+
+
+def annotate(
+    model: onnx.ModelProto, mapping: dict[str, str], expected: dict[str, V.Expected]
+) -> None:
+    """Write ``ompq.*`` metadata on every layer node and its weight / bias / input quantizers."""
+    g = V.Graph(model)
+    by_name = {n.name: n for n in g.graph.node}
+    feeds: dict[str, list[str]] = {}
+    for node_name, torch_name in mapping.items():
+        node = by_name[node_name]
+        exp = expected.get(torch_name)
+        wq, _ = V.weight_quant(g, node)
+        aq = V.act_quant(g, node)
+        wbits = V.quant_info(g, wq).bits if wq is not None and V.quant_info(g, wq) else None
+        abits = V.quant_info(g, aq).bits if aq is not None and V.quant_info(g, aq) else None
+        common = dict(layer=torch_name, export_name=node.name)
+        V.set_node_meta(node, role="layer", weight_bits=wbits, act_bits=abits,
+                        expected_weight_bits=exp.weight_bits if exp else None,
+                        expected_act_bits=exp.act_bits if exp else None, **common)
+        if wq is not None:
+            V.set_node_meta(wq, role="weight", bits=wbits, layer=torch_name,
+                            export_name=wq.name)
+        if len(node.input) > 2 and node.input[2] in g.producer:
+            bq = g.producer[node.input[2]]
+            info = V.quant_info(g, bq)
+            V.set_node_meta(bq, role="bias", bits=info.bits if info else None,
+                            layer=torch_name, export_name=bq.name)
+        if aq is not None:
+            feeds.setdefault(aq.name, []).append(torch_name)
+    for qname, names in feeds.items():
+        q = by_name[qname]
+        info = V.quant_info(g, q)
+        V.set_node_meta(q, role="act", bits=info.bits if info else None, feeds=",".join(names),
+                        export_name=q.name)
+
+
+def node_map_of(model: onnx.ModelProto) -> dict[str, dict[str, str | None]]:
+    """torch name -> {node, weight_quant, act_quant} from the annotations of a (cleaned) graph."""
+    out: dict[str, dict[str, str | None]] = {}
+    for rb in V.read_layers(model):
+        if rb.layer:
+            out[rb.layer] = {"node": rb.node, "weight_quant": rb.weight_quant_node,
+                             "act_quant": rb.act_quant_node}
+    return out
+
+
+def qonnx_cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    return cleanup_model(ModelWrapper(model)).model
+
+
+def run_qonnx(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
+    """Execute the graph with qonnx one image at a time; ``full``: the first image's context."""
+    import qonnx.core.onnx_exec as oxe
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    w = ModelWrapper(model)
+    iname, oname = w.graph.input[0].name, w.graph.output[0].name
+    if full:
+        return oxe.execute_onnx(w, {iname: images[:1]}, return_full_exec_context=True)
+    return np.concatenate(
+        [oxe.execute_onnx(w, {iname: images[i : i + 1]})[oname] for i in range(len(images))]
+    )
+
+
+def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
+                    path: Path) -> onnx.ModelProto:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(qmodel, args=image, export_path=str(path), dynamo=False)
+    except OmpqError:
+        raise
+    except Exception as exc:  # Brevitas / torch.onnx raise many types
+        raise OmpqError(
+            f"Brevitas export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "export a model built by `ompq quantize` (Brevitas layers, calibrated)"
+        ) from None
+    return onnx.load(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# verification (shared by the export and usable on any graph, e.g. a tampered one)
+
+
+@dataclass
+class Verification:
+    layers: list[LayerExport]
+    max_abs_diff: float
+    exact: bool
+    tolerance: float
+    n_images: int
+
+
+def verify_qonnx(
+    model: onnx.ModelProto,
+    qmodel: nn.Module,
+    example_input: Any,
+    bits: BitConfig | None = None,
+    tol: float = DEFAULT_TOL,
+    exact: bool | None = None,
+    runner: Callable[..., Any] = run_qonnx,
+    runtime: str = "qonnx",
+) -> Verification:
+    """Check an exported, annotated graph against the torch model; raise naming the first
+    diverging layer. ``exact`` None: bit-exact iff every scale is a power of two."""
+    images = as_images(example_input)
+    qmodel.eval()
+    bits = find_bitconfig(qmodel, bits)
+    expected = expected_bits(qmodel, bits)
+    readback = V.read_layers(model)
+    names = {rb.node: rb.layer for rb in readback if rb.layer}
+    if not names:
+        raise OmpqError("the graph carries no ompq layer annotations: export it with ompq export")
+    V.check_bits(readback, names, expected)
+    if exact is None:
+        exact = V.all_scales_power_of_two(model)
+    x = images.detach().cpu().numpy().astype(np.float32)
+    ref = V.torch_outputs(qmodel, images)
+    got = runner(model, x)
+    diff = V.compare(ref, got)
+    if not V.within(diff, exact, tol):
+        per_image = np.abs(ref.reshape(len(x), -1) - got.reshape(len(x), -1)).max(axis=1)
+        bad = int(np.argmax(per_image > (0 if exact else tol)))
+        ctx = runner(model, x[bad : bad + 1], full=True)
+        order = [(rb.layer, _layer_output(model, rb.node)) for rb in readback if rb.layer]
+        torch_out = V.torch_layer_outputs(qmodel, images[bad : bad + 1], [n for n, _ in order])
+        first = V.first_diverging_layer(order, torch_out, ctx, exact, tol)
+        where = (f"first diverging layer {first[0]} (max |diff| {first[1]:.3g})" if first
+                 else "the layers agree, the difference is after the last layer")
+        crit = "bit-exact" if exact else f"within {tol:g}"
+        raise OmpqError(
+            f"{runtime} output differs from torch on image {bad} (max |diff| {diff:.3g}, "
+            f"required {crit}): {where}; re-export from the same quantized model"
+        )
+    layers = []
+    for rb in readback:
+        if not rb.layer:
+            continue
+        exp = expected.get(rb.layer)
+        layers.append(LayerExport(
+            name=rb.layer, node=rb.node, op=rb.op, weight_bits=rb.weight_bits,
+            act_bits=rb.act_bits, expected_weight_bits=exp.weight_bits if exp else None,
+            expected_act_bits=exp.act_bits if exp else None,
+            source=exp.source if exp else "model", weight_quant_node=rb.weight_quant_node,
+            act_quant_node=rb.act_quant_node))
+    return Verification(layers, diff, exact, tol, len(x))
+
+
+def _layer_output(model: onnx.ModelProto, node_name: str) -> str:
+    """Output tensor of a layer node; for MatMul + bias Add, the Add's output."""
+    g = V.Graph(model)
+    node = next(n for n in g.graph.node if n.name == node_name)
+    out = node.output[0]
+    if node.op_type == "MatMul":
+        adds = [c for c in g.consumers.get(out, []) if c.op_type == "Add"]
+        if len(adds) == 1:
+            return adds[0].output[0]
+    return out
+
+
+def write_metadata(model: onnx.ModelProto, fmt: str, bits: BitConfig | None,
+                   ver: Verification) -> dict[str, str]:
+    node_map = node_map_of(model)
+    meta = {
+        "ompq.format": fmt,
+        "ompq.node_map": json.dumps(node_map, sort_keys=True),
+        "ompq.verification": json.dumps({
+            "n_images": ver.n_images, "max_abs_diff": ver.max_abs_diff,
+            "exact": ver.exact, "tolerance": ver.tolerance}),
+    }
+    if bits is not None:
+        meta["ompq.bitconfig"] = json.dumps(bits.to_json(), sort_keys=True)
+    V.set_model_meta(model, meta)
+    return {k: v["node"] or "" for k, v in node_map.items()}
+
+
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        onnx.save(model, str(tmp))
+    return target
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def export_qonnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: Any,
+    bits: BitConfig | None = None,
+    *,
+    tol: float = DEFAULT_TOL,
+    exact: bool | None = None,
+) -> ExportReport:
+    """Export ``qmodel`` to QONNX at ``path``, verified on ``example_input`` (N real images)
+    before the file is written. ``bits`` defaults to the model's attached BitConfig if any."""
+    t0 = time.perf_counter()
+    images = as_images(example_input)
+    was_training = qmodel.training
+    qmodel.eval()
+    bits = find_bitconfig(qmodel, bits)
+    try:
+        expected = expected_bits(qmodel, bits)
+        with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
+            from brevitas.export import export_qonnx as brevitas_qonnx
+
+            raw = brevitas_export(brevitas_qonnx, qmodel, images[:1], Path(tmp) / "raw.onnx")
+        t_export = time.perf_counter()
+        annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
+        model = qonnx_cleanup(raw)
+        t_clean = time.perf_counter()
+        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
+        t_verify = time.perf_counter()
+        node_map = write_metadata(model, "qonnx", bits, ver)
+        # the annotations must survive a save / load round trip before the file counts
+        reloaded = onnx.load_from_string(model.SerializeToString())
+        if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
+            raise OmpqError("annotations did not survive serialisation; report this bug")
+        target = save_atomic(model, path)
+    finally:
+        qmodel.train(was_training)
+    return ExportReport(
+        path=target, format="qonnx", layers=ver.layers, node_map=node_map,
+        n_images=ver.n_images, max_abs_diff=ver.max_abs_diff, exact=ver.exact,
+        tolerance=ver.tolerance, runtime="qonnx", verified=True,
+        seconds={"export": t_export - t0, "cleanup": t_clean - t_export,
+                 "verify": t_verify - t_clean, "total": time.perf_counter() - t0},
+    )

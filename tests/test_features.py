@@ -1,0 +1,68 @@
+"""Streaming features into Grams: same numbers as materialising every feature."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ompq_plugin import features
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.features import collect_grams, streamed_gram
+from ompq_plugin.layers import discover_layers
+
+
+def test_chunked_gram_equals_direct_product(monkeypatch):
+    y = torch.randn(6, 4, 7, 7)
+    flat = y.reshape(6, -1).double()
+    monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 6 * 10)  # 10 columns per slice, 20 slices
+    torch.testing.assert_close(streamed_gram(y), flat @ flat.T, rtol=1e-12, atol=1e-12)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        out = F.relu(self.b(h) + h)  # functional add and relu: no module to hook
+        return self.fc(out.mean((2, 3)))
+
+
+def test_streamed_grams_equal_grams_of_materialised_features():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(5, 3, 8, 8)
+    found = discover_layers(model, x[:1])
+    got = collect_grams(model, found, x).grams
+    with torch.no_grad():
+        h = F.relu(model.a(x))
+        out = F.relu(model.b(h) + h)
+        logits = model.fc(out.mean((2, 3)))
+    for g, feat in zip(got, (h, out, logits), strict=True):
+        f = feat.reshape(5, -1).double()
+        torch.testing.assert_close(g, f @ f.T, rtol=1e-6, atol=1e-8)
+
+
+def test_untraced_model_uses_hooks_on_layer_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 16, 3)).eval()
+    x = torch.randn(4, 3, 4, 4)
+    found = discover_layers(model, x[:1])
+    found.traced = False
+    for i, layer in enumerate(found.layers):
+        found.layers[i] = type(layer)(**{**layer.__dict__, "feature_node": layer.name})
+    got = collect_grams(model, found, x).grams
+    conv_out = model[0](x).reshape(4, -1).double()
+    torch.testing.assert_close(got[0], conv_out @ conv_out.T)
+
+
+def test_all_zero_feature_names_the_layer():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)  # ReLU(-1) == 0 everywhere
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(OmpqError, match="layer 0 produced all-zero"):
+        collect_grams(model, discover_layers(model, x[:1]), x)

@@ -181,35 +181,45 @@ def as_images(example_input: Any) -> torch.Tensor:
 def map_layers(
     model: onnx.ModelProto, qmodel: nn.Module, image: torch.Tensor
 ) -> dict[str, str]:
-    """ONNX layer node name -> torch layer name for the freshly exported graph."""
+    """ONNX layer node name -> torch layer name for the freshly exported graph.
+
+    A node whose weight initializer is named ``<module>.weight`` (TorchScript export keeps
+    parameter names) maps to that module, quantized or not (e.g. a traced-through float conv);
+    the remaining nodes map to the remaining quantized layers in forward order, checked by weight
+    shape."""
     layers = quant_layers(qmodel)
+    params = {n for n, _ in qmodel.named_parameters()} | {n for n, _ in qmodel.named_buffers()}
     g = V.Graph(model)
     nodes = [n for n in g.graph.node if V.is_weight_layer(g, n)]
     mapping: dict[str, str] = {}
     for node in nodes:
         _, wname = V.weight_quant(g, node)
-        if wname and wname.endswith(".weight") and wname[: -len(".weight")] in layers:
+        if wname and wname.endswith(".weight") and wname in params:
             mapping[node.name] = wname[: -len(".weight")]
-    if len(mapping) == len(nodes) == len(layers):
-        return mapping
-    # fall back to forward order, checked by weight shapes
-    order = forward_order(qmodel, image)
-    if len(order) != len(nodes):
-        raise OmpqError(
-            f"the exported graph has {len(nodes)} weight layers but the model runs "
-            f"{len(order)} quantized layers; export a model without shared or unused layers"
-        )
-    mapping = {}
-    for node, name in zip(nodes, order, strict=True):
-        _, wname = V.weight_quant(g, node)
-        shape = g.shape(wname) if wname else None
-        want = list(layers[name].weight.shape)
-        if shape is not None and sorted(shape) != sorted(want):
+    rest_nodes = [n for n in nodes if n.name not in mapping]
+    if rest_nodes:
+        done = set(mapping.values())
+        rest = [n for n in forward_order(qmodel, image) if n not in done]
+        if len(rest) != len(rest_nodes):
             raise OmpqError(
-                f"cannot match ONNX node {node.name} (weight {shape}) to layer {name} "
-                f"(weight {want}); export with the TorchScript exporter (dynamo=False)"
+                f"cannot match {len(rest_nodes)} weight layers of the exported graph to "
+                f"{len(rest)} quantized layers of the model; export a model without shared "
+                "or unused layers"
             )
-        mapping[node.name] = name
+        for node, name in zip(rest_nodes, rest, strict=True):
+            _, wname = V.weight_quant(g, node)
+            shape = g.shape(wname) if wname else None
+            want = list(layers[name].weight.shape)
+            if shape is not None and sorted(shape) != sorted(want):
+                raise OmpqError(
+                    f"cannot match ONNX node {node.name} (weight {shape}) to layer {name} "
+                    f"(weight {want}); export with the TorchScript exporter (dynamo=False)"
+                )
+            mapping[node.name] = name
+    unmapped = [n for n in layers if n not in mapping.values()]
+    if unmapped:
+        raise OmpqError(f"quantized layer {unmapped[0]} is not in the exported graph; export a "
+                        "model whose quantized layers all run in forward()")
     return mapping
 
 

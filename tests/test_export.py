@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from ompq_plugin.exporters import export_qcdq, export_qonnx
+from ompq_plugin.exporters import verify as V
+from ompq_plugin.exporters.qonnx import verify_qonnx
 from torch import nn
 
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.exporters import export_qcdq, export_qonnx
-from ompq_plugin.exporters import verify as V
-from ompq_plugin.exporters.qonnx import verify_qonnx
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -116,7 +116,7 @@ def test_export_small_verified_and_annotated(small, images, tmp_path, fmt):
         SMALL_BITS)
     node_map = json.loads(meta["ompq.node_map"])
     nodes = {n.name: n for n in model.graph.node}
-    for name, (w, a) in SMALL_BITS.items():
+    for name, (w, _a) in SMALL_BITS.items():
         layer = nodes[node_map[name]["node"]]
         assert V.node_meta(layer)["layer"] == name
         assert V.node_meta(layer)["weight_bits"] == str(w)
@@ -183,6 +183,7 @@ def test_failed_export_leaves_nothing(images, tmp_path):
 def quantized_resnet20(data_dir: Path) -> tuple[nn.Module, BitConfig]:
     quantize = pytest.importorskip("ompq_plugin.quantize", reason="quantize not available")
     from ompq_plugin.hw_profiles.loader import load_profile
+
     from ompq_plugin.models import build_model
     from ompq_plugin.ptq import calibrate
 

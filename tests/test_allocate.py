@@ -1,0 +1,374 @@
+"""The allocation integer program against brute force (itertools.product) on tiny instances.
+
+Run this file directly (``python tests/test_allocate.py``) for a hand-run speed check on a
+ResNet-50-sized instance; it is not part of the timed test suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+import sys
+import time
+
+import pytest
+
+from ompq_plugin.allocate import (
+    AllocationLayer,
+    AllocationProblem,
+    eq10_coefficients,
+    objective_value,
+    solve,
+    usage,
+)
+from ompq_plugin.budgets import KIB_BITS, Budgets
+from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
+
+KINDS = ("conv", "depthwise", "pointwise", "linear")
+INF = Budgets()
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def random_problem(rng: random.Random, scale: int = 1) -> AllocationProblem:
+    """3-5 layers, some sharing an act group, 2-3 bit choices each, random budgets."""
+    n = rng.randint(3, 5)
+    groups = [f"g{rng.randint(0, n - 2)}" for _ in range(n)]
+    shared = {g: sorted(rng.sample([2, 4, 6, 8], rng.randint(2, 3))) for g in set(groups)}
+    layers = []
+    for i in range(n):
+        layers.append(
+            AllocationLayer(
+                name=f"l{i}",
+                kind=rng.choice(KINDS),
+                params=rng.randint(10, 5000) * scale,
+                macs=rng.randint(100, 10**6) * scale,
+                input_numel=rng.randint(10, 4000),
+                act_group=groups[i],
+                weight_choices=tuple(sorted(rng.sample(range(2, 9), rng.randint(2, 3)))),
+                # a group's layers overlap in act choices; some allow an extra width of their own
+                act_choices=tuple(sorted({*shared[groups[i]], rng.choice([2, 3, 4, 6, 8])})),
+            )
+        )
+    coeff = tuple(eq10_coefficients([rng.uniform(0.05, 1.0) for _ in range(n)]))
+    problem = AllocationProblem(tuple(layers), coeff, INF)
+    lo, hi = extreme_usage(problem)
+    budgets = Budgets(
+        weight_memory_bits=rng.uniform(lo[0], hi[0]) if rng.random() < 0.8 else math.inf,
+        bops=rng.uniform(lo[1], hi[1]) if rng.random() < 0.8 else math.inf,
+        act_buffer_bits=rng.uniform(lo[2], hi[2]) if rng.random() < 0.5 else math.inf,
+    )
+    return AllocationProblem(tuple(layers), coeff, budgets)
+
+
+def configs(problem: AllocationProblem):
+    """Every configuration (weight_bits, act_bits) allowed by choices, group ties and pins."""
+    layers = problem.layers
+    groups = list(dict.fromkeys(lay.act_group for lay in layers))
+    w_sets = []
+    for lay in layers:
+        pin_w = problem.pins.get(lay.name, (None, None))[0]
+        w_sets.append([w for w in lay.weight_choices if pin_w in (None, w)])
+    a_sets = []
+    for g in groups:
+        common = None
+        for lay in layers:
+            if lay.act_group == g:
+                pin_a = problem.pins.get(lay.name, (None, None))[1]
+                allowed = {a for a in lay.act_choices if pin_a in (None, a)}
+                common = allowed if common is None else common & allowed
+        a_sets.append(sorted(common))
+    for ws in itertools.product(*w_sets):
+        for acts in itertools.product(*a_sets):
+            by_group = dict(zip(groups, acts, strict=True))
+            yield (
+                {lay.name: w for lay, w in zip(layers, ws, strict=True)},
+                {lay.name: by_group[lay.act_group] for lay in layers},
+            )
+
+
+def fits(problem: AllocationProblem, wb: dict[str, int], ab: dict[str, int]) -> bool:
+    used = usage(problem, wb, ab)
+    b = problem.budgets
+    return used[0] <= b.weight_memory_bits and used[1] <= b.bops and used[2] <= b.act_buffer_bits
+
+
+def brute_force(problem: AllocationProblem):
+    """(best objective, its config) over all feasible configurations, or None."""
+    best = None
+    for wb, ab in configs(problem):
+        if fits(problem, wb, ab):
+            obj = objective_value(problem, wb, ab)
+            if best is None or obj > best[0]:
+                best = (obj, wb, ab)
+    return best
+
+
+def extreme_usage(problem: AllocationProblem):
+    """Usage of the all-lowest and the all-highest configuration."""
+    usages = [usage(problem, wb, ab) for wb, ab in configs(problem)]
+    return tuple(min(u[k] for u in usages) for k in range(3)), tuple(
+        max(u[k] for u in usages) for k in range(3)
+    )
+
+
+def with_budgets(problem: AllocationProblem, **kw: float) -> AllocationProblem:
+    values = {
+        "weight_memory_bits": problem.budgets.weight_memory_bits,
+        "bops": problem.budgets.bops,
+        "act_buffer_bits": problem.budgets.act_buffer_bits,
+    }
+    values.update(kw)
+    return AllocationProblem(problem.layers, problem.weight_coeff, Budgets(**values), problem.pins)
+
+
+def check_against_brute_force(problem: AllocationProblem) -> None:
+    best = brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(problem)
+        return
+    result = solve(problem)
+    assert result.status == "optimal"
+    assert fits(problem, result.weight_bits, result.act_bits)
+    assert result.objective == pytest.approx(best[0], rel=1e-7, abs=1e-9)
+    assert (result.weight_memory_bits, result.bops, result.max_act_buffer_bits) == usage(
+        problem, result.weight_bits, result.act_bits
+    )
+    for lay in problem.layers:  # tied groups share act bits
+        for other in problem.layers:
+            if lay.act_group == other.act_group:
+                assert result.act_bits[lay.name] == result.act_bits[other.name]
+
+
+def tiny(pins=None, budgets=INF) -> AllocationProblem:
+    layers = (
+        AllocationLayer("a", "conv", 100, 1000, 50, "g0", (2, 4, 8), (4, 8)),
+        AllocationLayer("b", "depthwise", 10, 500, 80, "g1", (2, 4, 8), (4, 8)),
+        AllocationLayer("c", "linear", 300, 300, 80, "g1", (4, 8), (2, 4, 8)),
+    )
+    return AllocationProblem(layers, (1.0, 0.7, 0.4), budgets, pins or {})
+
+
+# --- Eq. 10 --------------------------------------------------------------------------------------
+
+
+def test_eq10_hand_computed() -> None:
+    # c = [(1+2+3)/3, (2+3)/2, 3/1] = [2, 2.5, 3], scaled by 1/3
+    assert eq10_coefficients([1, 2, 3]) == pytest.approx([2 / 3, 5 / 6, 1.0])
+    # c = [(3+1)/2, 1] = [2, 1] -> [1, 0.5]
+    assert eq10_coefficients([3.0, 1.0]) == pytest.approx([1.0, 0.5])
+    # c = [(4+0+2)/3, (0+2)/2, 2] = [2, 1, 2] -> [1, 0.5, 1]
+    assert eq10_coefficients([4.0, 0.0, 2.0]) == pytest.approx([1.0, 0.5, 1.0])
+    assert eq10_coefficients([0.3]) == [1.0]
+    assert eq10_coefficients([]) == []
+
+
+def test_eq10_rejects_bad_theta() -> None:
+    with pytest.raises(OmpqError, match="NaN"):
+        eq10_coefficients([1.0, math.nan])
+    with pytest.raises(OmpqError, match="positive"):
+        eq10_coefficients([0.0, 0.0])
+
+
+# --- brute force -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_matches_brute_force(seed: int) -> None:
+    check_against_brute_force(random_problem(random.Random(seed)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_brute_force_at_resnet_scale(seed: int) -> None:
+    # BOPs ~1e11 and memory ~1e8 bits: CBC's tolerances act on scaled rows
+    check_against_brute_force(random_problem(random.Random(100 + seed), scale=20000))
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_budget_exactly_at_and_just_below_the_optimum(seed: int, which: int) -> None:
+    base = random_problem(random.Random(1000 + seed), scale=1 + 5000 * (seed % 2))
+    base = AllocationProblem(base.layers, base.weight_coeff, INF)
+    field = ("weight_memory_bits", "bops", "act_buffer_bits")[which]
+    # make the budget bind: the unconstrained optimum (all max bits) must not fit
+    hi = extreme_usage(base)[1][which]
+    lo = extreme_usage(base)[0][which]
+    constrained = with_budgets(base, **{field: (lo + hi) / 2})
+    best = brute_force(constrained)
+    assert best is not None
+    at = usage(constrained, best[1], best[2])[which]
+
+    exact = with_budgets(base, **{field: at})
+    result = solve(exact)
+    assert usage(exact, result.weight_bits, result.act_bits)[which] <= at
+    assert result.objective == pytest.approx(best[0], rel=1e-7, abs=1e-9)
+
+    below = with_budgets(base, **{field: at - 1})
+    reference = brute_force(below)
+    if reference is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(below)
+    else:
+        result = solve(below)
+        assert usage(below, result.weight_bits, result.act_bits)[which] <= at - 1
+        assert result.objective == pytest.approx(reference[0], rel=1e-7, abs=1e-9)
+        assert result.objective <= best[0] + 1e-9
+
+
+# --- pins, groups, infinite budgets ------------------------------------------------------------
+
+
+def test_infinite_budgets_give_max_bits() -> None:
+    result = solve(tiny())
+    assert result.weight_bits == {"a": 8, "b": 8, "c": 8}
+    # b and c share g1: act choices {4, 8} & {2, 4, 8} = {4, 8}
+    assert result.act_bits == {"a": 8, "b": 8, "c": 8}
+
+
+def test_pins_are_respected() -> None:
+    problem = tiny(pins={"a": (2, None), "c": (None, 4)}, budgets=Budgets(bops=2e6))
+    result = solve(problem)
+    assert result.weight_bits["a"] == 2
+    assert result.act_bits["c"] == 4 and result.act_bits["b"] == 4  # tied to c's group
+    check_against_brute_force(problem)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_pins_match_brute_force(seed: int) -> None:
+    rng = random.Random(500 + seed)
+    problem = random_problem(rng)
+    lay = rng.choice(problem.layers)
+    pins = {lay.name: (rng.choice(lay.weight_choices), rng.choice([None, *lay.act_choices]))}
+    pinned = AllocationProblem(problem.layers, problem.weight_coeff, problem.budgets, pins)
+    try:
+        list(configs(pinned))[0]
+    except IndexError:  # the pinned act bits leave the group no common choice
+        with pytest.raises(OmpqError):
+            solve(pinned)
+        return
+    check_against_brute_force(pinned)
+
+
+def test_act_group_without_common_choice_is_an_error() -> None:
+    with pytest.raises(OmpqError, match=r"act group 'g1'.*b \[4, 8\].*c \[2\]"):
+        solve(tiny(pins={"c": (None, 2)}))
+
+
+def test_bad_pins_are_errors() -> None:
+    with pytest.raises(OmpqError, match="not in the model"):
+        solve(tiny(pins={"zz": (8, 8)}))
+    with pytest.raises(OmpqError, match="weight bits 3 not allowed"):
+        solve(tiny(pins={"a": (3, None)}))
+
+
+def test_custom_act_coefficients() -> None:
+    base = tiny(budgets=Budgets(bops=3e6))
+    problem = AllocationProblem(
+        base.layers, base.weight_coeff, base.budgets, {}, {"g0": 0.0, "g1": 5.0}
+    )
+    check_against_brute_force(problem)
+
+
+# --- infeasible budgets ------------------------------------------------------------------------
+
+_BITS = re.compile(r"\((\d+) (?:bits|BOPs);")
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_infeasible_message_names_budget_and_smallest_value(seed: int, which: int) -> None:
+    problem = random_problem(random.Random(2000 + seed))
+    problem = AllocationProblem(
+        problem.layers, problem.weight_coeff, INF, {problem.layers[0].name: (None, None)}
+    )
+    smallest = extreme_usage(problem)[0][which]
+    field = ("weight_memory_bits", "bops", "act_buffer_bits")[which]
+    bad = with_budgets(problem, **{field: smallest - 1})
+    assert brute_force(bad) is None
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    name, flag, unit = [
+        ("weight memory", "--weight-memory-kib", KIB_BITS),
+        ("BOPs", "--bops-g", 1e9),
+        ("activation buffer", "--act-buffer-kib", KIB_BITS),
+    ][which]
+    assert message.startswith(name) and flag in message
+    assert int(_BITS.search(message).group(1)) == smallest
+    suggested = float(re.search(re.escape(flag) + r" to at least ([0-9.e+-]+)", message).group(1))
+    assert smallest / unit <= suggested <= smallest / unit * 1.001
+
+
+def test_infeasible_with_pins_kept() -> None:
+    problem = tiny(pins={"a": (8, 8)})
+    smallest = 100 * 8 + 10 * 2 + 300 * 4
+    with pytest.raises(InfeasibleBudgetError, match=rf"\({smallest} bits; .*pins kept"):
+        solve(with_budgets(problem, weight_memory_bits=smallest - 0.5))
+    assert solve(with_budgets(problem, weight_memory_bits=smallest)).weight_memory_bits == smallest
+
+
+# --- hand-run speed check ------------------------------------------------------------------------
+
+
+def resnet50_layers(acts: tuple[int, ...], tie_stage_inputs: bool) -> tuple[AllocationLayer, ...]:
+    """ResNet-50 at 224x224 (54 layers); weight bits 2..8. Tied: block inputs per stage."""
+    wc = tuple(range(2, 9))
+    out: list[AllocationLayer] = []
+
+    def add(name: str, kind: str, cin: int, cout: int, k: int, hin: int, s: int, g: str) -> int:
+        hout = hin // s
+        params = cout * cin * k * k
+        out.append(
+            AllocationLayer(name, kind, params, params * hout * hout, cin * hin * hin, g, wc, acts)
+        )
+        return hout
+
+    h = add("conv1", "conv", 3, 64, 7, 224, 2, "conv1_in") // 2
+    inplanes = 64
+    for st, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
+        for b in range(blocks):
+            stride = 2 if (b == 0 and st > 1) else 1
+            p = f"layer{st}.{b}"
+            gin = f"layer{st}_in" if tie_stage_inputs else f"{p}_in"
+            add(f"{p}.conv1", "pointwise", inplanes, planes, 1, h, 1, gin)
+            h2 = add(f"{p}.conv2", "conv", planes, planes, 3, h, stride, f"{p}.conv2_in")
+            add(f"{p}.conv3", "pointwise", planes, planes * 4, 1, h2, 1, f"{p}.conv3_in")
+            if b == 0:
+                add(f"{p}.downsample.0", "pointwise", inplanes, planes * 4, 1, h, stride, gin)
+            inplanes, h = planes * 4, h2
+    out.append(AllocationLayer("fc", "linear", 2048000, 2048000, 2048, "fc_in", wc, acts))
+    return tuple(out)
+
+
+def _speed_check() -> None:
+    for acts in ((2, 4, 6, 8), (4, 5, 6, 8)):
+        for tie in (False, True):
+            layers = resnet50_layers(acts, tie)
+            rng = random.Random(0)
+            coeff = tuple(eq10_coefficients([math.exp(-rng.uniform(0, 3)) for _ in layers]))
+            params = sum(lay.params for lay in layers)
+            macs = sum(lay.macs for lay in layers)
+            n_groups = len({lay.act_group for lay in layers})
+            for avg_w, bops_per_mac in ((4, 16), (5, 20), (3, 12), (3, 20), (6, 30)):
+                budgets = Budgets(weight_memory_bits=avg_w * params, bops=bops_per_mac * macs)
+                problem = AllocationProblem(layers, coeff, budgets, {"conv1": (8, 8), "fc": (8, 8)})
+                start = time.perf_counter()
+                try:
+                    result = solve(problem, time_limit_s=10)
+                    outcome = f"obj {result.objective:.4f}"
+                except OmpqError as exc:
+                    outcome = f"FAILED: {exc}"
+                print(
+                    f"{len(layers)} layers, {n_groups} act groups, acts {acts}, "
+                    f"memory {avg_w} b/param, BOPs {bops_per_mac}x MACs: "
+                    f"{time.perf_counter() - start:.3f} s, {outcome}"
+                )
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _speed_check()

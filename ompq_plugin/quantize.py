@@ -1,0 +1,562 @@
+"""Float model + BitConfig + HardwareProfile -> integer-only Brevitas model.
+
+The conversion works on the torch.fx graph of *any* traceable model (no per-architecture code):
+
+1. deep-copy the float model (it is never modified) and switch it to eval mode;
+2. replace option-A ``ShortcutA`` modules (subsample + zero channel pad) by an exactly equivalent
+   frozen 1x1 stride-2 convolution with 0/1 weights, so the graph exports without Slice or Pad;
+3. trace with torch.fx and fold every BatchNorm into the Conv/Linear that feeds it;
+4. replace Conv1d / Conv2d (grouped and depthwise included) / Linear by QuantConv1d /
+   QuantConv2d / QuantLinear with the BitConfig's weight bits and a 32-bit bias quantizer
+   (bias scale = input scale x weight scale, so inference is integer-only);
+5. insert activation quantizers (QuantIdentity, returning QuantTensors): on the model input, after
+   every ReLU / ReLU6 (module, function or method), after any other tensor a quantized layer reads,
+   and ONE shared quantizer on both inputs of every residual add (same instance, so both operands
+   have the same scale). A quantizer's bits are the ``act_bits`` of the layers that read its
+   tensor, found by walking forward through pooling / flatten / reshape / dropout / zero-pad.
+
+Scales are powers of two (fixed-point quantizers) when ``profile.power_of_two_scales``, float
+otherwise; weights are per output channel when ``profile.per_channel_weights``. Activation scales
+are initialised from statistics: run :func:`ompq_plugin.ptq.calibrate` before using the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.hw_profiles.profile import HardwareProfile
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+FOLDABLE_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+SHORTCUT_WEIGHT_BITS = 2  # 0/1 weights are exact at any width >= 2 (narrow range, scale 1)
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+# Ops that keep a Brevitas IntQuantTensor a QuantTensor on the same (or an exactly rescaled) grid.
+_TRANSPARENT_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Identity,
+)
+_TRANSPARENT_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.dropout,
+    F.dropout2d,
+    F.pad,
+}
+_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_NON_TENSOR_METHODS = {"size", "dim"}
+# Tensor methods a Brevitas QuantTensor has; any other method gets a plain tensor (see _dequant).
+_QUANT_TENSOR_METHODS = {
+    "view", "reshape", "flatten", "transpose", "permute", "size", "dim", "contiguous", "detach",
+    "to", "cpu", "cuda", "relu", "relu_", "add", "add_",
+}
+
+
+def _dequant(x: object) -> object:
+    """The float value of a QuantTensor (other values pass through)."""
+    return getattr(x, "value", x) if type(x).__name__.endswith("QuantTensor") else x
+
+
+class FixedShortcutConv(nn.Conv2d):
+    """Option-A shortcut as a frozen 1x1 stride-2 conv with 0/1 weights (never trained)."""
+
+    def __init__(self, in_planes: int, planes: int, pad_before: int) -> None:
+        super().__init__(in_planes, planes, kernel_size=1, stride=2, bias=False)
+        weight = torch.zeros(planes, in_planes, 1, 1)
+        for c in range(in_planes):
+            weight[pad_before + c, c, 0, 0] = 1.0
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize` did: layer bits, fixed shortcut convs and activation quantizers."""
+
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    fixed_layers: list[str] = field(default_factory=list)
+    act_quantizers: dict[str, int] = field(default_factory=dict)  # module name -> bits
+    shared_add_quantizers: list[str] = field(default_factory=list)
+    folded_norms: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# quantizer choice
+
+
+def _quantizers(profile: HardwareProfile) -> dict[str, type]:
+    from brevitas.inject.enum import ScalingImplType
+    from brevitas.quant import (
+        Int8ActPerTensorFixedPoint,
+        Int8ActPerTensorFloat,
+        Int8WeightPerChannelFloat,
+        Int8WeightPerTensorFixedPoint,
+        Int8WeightPerTensorFloat,
+        Int32Bias,
+        Uint8ActPerTensorFixedPoint,
+        Uint8ActPerTensorFloat,
+    )
+    from brevitas.quant.fixed_point import Int8WeightPerChannelFixedPoint
+
+    # Weight scales are parameters initialised from the weights' max (not recomputed from the
+    # weights at every call): GPTQ quantizes column slices, and a statistics-based scale would be
+    # recomputed from each slice (zero error, so GPTQ would do nothing); QAT also learns them.
+    def param(q: type) -> type:
+        return q.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
+
+    # the frozen 0/1 shortcut convs: constant scale 1 (= 2^0), exact at any width >= 2
+    shortcut = Int8WeightPerTensorFloat.let(
+        scaling_impl_type=ScalingImplType.CONST, scaling_const=1.0
+    )
+
+    if profile.power_of_two_scales:
+        return {
+            "weight": param(Int8WeightPerChannelFixedPoint)
+            if profile.per_channel_weights
+            else param(Int8WeightPerTensorFixedPoint),
+            "weight_fixed": shortcut,
+            "act_signed": Int8ActPerTensorFixedPoint,
+            "act_unsigned": Uint8ActPerTensorFixedPoint,
+            "bias": Int32Bias,
+        }
+    return {
+        "weight": param(Int8WeightPerChannelFloat)
+        if profile.per_channel_weights
+        else param(Int8WeightPerTensorFloat),
+        "weight_fixed": shortcut,
+        "act_signed": Int8ActPerTensorFloat,
+        "act_unsigned": Uint8ActPerTensorFloat,
+        "bias": Int32Bias,
+    }
+
+
+def _act_quantizer(quants: dict[str, type], bits: int, signed: bool) -> nn.Module:
+    from brevitas.nn import QuantIdentity
+
+    act_quant = quants["act_signed" if signed else "act_unsigned"]
+    return QuantIdentity(act_quant=act_quant, bit_width=bits, return_quant_tensor=True)
+
+
+def _quant_layer(module: nn.Module, bits: int, quants: dict[str, type], fixed: bool) -> nn.Module:
+    from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
+
+    weight_quant = quants["weight_fixed" if fixed else "weight"]
+    common = dict(
+        bias=module.bias is not None,
+        weight_quant=weight_quant,
+        weight_bit_width=bits,
+        bias_quant=quants["bias"],
+        return_quant_tensor=False,
+    )
+    if isinstance(module, nn.Linear):
+        q: nn.Module = QuantLinear(module.in_features, module.out_features, **common)
+    else:
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantConv1d
+        if module.padding_mode != "zeros":
+            raise OmpqError(
+                f"padding_mode={module.padding_mode!r} is not supported; use zero padding"
+            )
+        q = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            **common,
+        )
+    with torch.no_grad():
+        q.weight.copy_(module.weight)
+        if module.bias is not None:
+            q.bias.copy_(module.bias)
+    if fixed:
+        q.weight.requires_grad_(False)
+    q.train(False)
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# graph helpers
+
+
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    return None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module_of(gm, node), _RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    if not is_add or len(node.args) < 2:
+        return False
+    return all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs.get("alpha")
+
+
+def _is_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module_of(gm, node), _TRANSPARENT_MODULES)
+    if node.op == "call_function":
+        if node.target is F.pad:
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
+            return mode == "constant" and not value
+        return node.target in _TRANSPARENT_FUNCTIONS
+    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
+
+
+def _is_non_tensor_use(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        return True
+    return node.op == "call_function" and node.target is getattr
+
+
+def _source_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back from a layer's input through transparent ops to the tensor that gets quantized."""
+    while _is_transparent(gm, node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while _has_attr_path(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _has_attr_path(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _owner_path(node: fx.Node) -> str:
+    """Dotted path of the module whose forward created ``node`` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        if isinstance(path, tuple):
+            path = path[0]
+        return str(path)
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# steps
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise OmpqError naming the first layer that quantize() cannot convert."""
+    for name, module in model.named_modules():
+        if isinstance(module, SUPPORTED_LAYERS + FOLDABLE_NORMS + (FixedShortcutConv,)):
+            if isinstance(module, nn.Conv2d | nn.Conv1d) and module.padding_mode != "zeros":
+                raise OmpqError(
+                    f"layer {name} ({type(module).__name__}) uses padding_mode="
+                    f"{module.padding_mode!r}; only zero padding can be quantized"
+                )
+            continue
+        if type(module).__name__ == "ShortcutA":
+            continue
+        if any(True for _ in module.parameters(recurse=False)) or isinstance(
+            module, nn.RNNBase | nn.MultiheadAttention | nn.modules.conv._ConvTransposeNd
+        ):
+            raise OmpqError(
+                f"layer {name or '<root>'} ({type(module).__name__}) cannot be quantized: "
+                "only Conv1d, Conv2d (incl. grouped/depthwise), Linear and foldable BatchNorm "
+                "are supported; replace or remove it"
+            )
+
+
+def _replace_shortcuts(model: nn.Module) -> list[str]:
+    from ompq_plugin.models.cifar_resnet import ShortcutA
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ShortcutA):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, FixedShortcutConv(module.in_planes, module.planes,
+                                                    module.pad_before))
+            names.append(name)
+    return names
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every Conv/Linear/BatchNorm (subclasses too) and activation a single graph node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf_types = SUPPORTED_LAYERS + FOLDABLE_NORMS + _RELU_MODULES + _TRANSPARENT_MODULES
+        return isinstance(m, leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 - fx raises many types
+        raise OmpqError(
+            f"{type(model).__name__} is not traceable by torch.fx ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); remove data-dependent control flow"
+        ) from None
+
+
+def _fold_batchnorms(gm: fx.GraphModule) -> list[str]:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    folded = []
+    for node in list(gm.graph.nodes):
+        bn = _module_of(gm, node)
+        if not isinstance(bn, FOLDABLE_NORMS):
+            continue
+        prev = node.args[0]
+        layer = _module_of(gm, prev) if isinstance(prev, fx.Node) else None
+        if (
+            not isinstance(layer, SUPPORTED_LAYERS)
+            or isinstance(layer, FixedShortcutConv)
+            or len(prev.users) != 1
+        ):
+            raise OmpqError(
+                f"BatchNorm {node.target} does not directly follow a Conv/Linear, so it cannot be "
+                "folded for integer-only inference; remove it or move it after a conv"
+            )
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise OmpqError(f"BatchNorm {node.target} has no running statistics to fold")
+        if isinstance(layer, nn.Linear):
+            fused = fuse_linear_bn_eval(layer, bn)
+        else:
+            fused = fuse_conv_bn_eval(layer, bn)
+        _set_submodule(gm, str(prev.target), fused)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        _delete_submodule(gm, str(node.target))
+        folded.append(str(node.target))
+    return folded
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def _delete_submodule(root: nn.Module, path: str) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if hasattr(parent, attr):
+        delattr(parent, attr)
+
+
+def _match_names(layer_names: Iterable[str], bits: BitConfig) -> None:
+    found = set(layer_names)
+    configured = {lb.name for lb in bits.layers}
+    unknown = sorted(configured - found)
+    missing = sorted(found - configured)
+    if unknown:
+        raise OmpqError(
+            f"BitConfig layers not in the model: {', '.join(unknown)}; the model has "
+            f"{', '.join(sorted(found))}: re-run `ompq search` for this model"
+        )
+    if missing:
+        raise OmpqError(
+            f"model layers missing from the BitConfig: {', '.join(missing)}; "
+            "re-run `ompq search` for this model"
+        )
+
+
+def quantize(
+    model: nn.Module, bits: BitConfig, profile: HardwareProfile
+) -> nn.Module:
+    """Return a new integer-only Brevitas model with exactly ``bits``; ``model`` is not changed.
+
+    The result is an ``torch.fx.GraphModule`` whose quantized layers keep the float model's
+    module names (``qmodel.get_submodule(name)``); ``qmodel.ompq_report`` says what was done.
+    Calibrate it (:func:`ompq_plugin.ptq.calibrate`) before inference.
+    """
+    quants = _quantizers(profile)
+    check_supported(model)
+    for lb in bits.layers:
+        if lb.weight_bits < 2 or lb.act_bits < 2:
+            raise OmpqError(
+                f"layer {lb.name}: {lb.weight_bits}-bit weights / {lb.act_bits}-bit activations "
+                "are not supported; use 2 bits or more"
+            )
+    work = copy.deepcopy(model).eval()
+    report = QuantizeReport()
+    report.fixed_layers = _replace_shortcuts(work)
+    gm = _trace(work)
+    report.folded_norms = _fold_batchnorms(gm)
+    graph = gm.graph
+
+    layer_nodes = [
+        n for n in graph.nodes if isinstance(_module_of(gm, n), SUPPORTED_LAYERS)
+    ]
+    fixed = set(report.fixed_layers)
+    _match_names({str(n.target) for n in layer_nodes if str(n.target) not in fixed}, bits)
+    by_name = bits.by_name()
+
+    # 1. layers -> quant layers
+    for node in layer_nodes:
+        name = str(node.target)
+        if isinstance(_module_of(gm, node), nn.Module) and name in fixed:
+            qlayer = _quant_layer(gm.get_submodule(name), SHORTCUT_WEIGHT_BITS, quants, True)
+            report.weight_bits[name] = SHORTCUT_WEIGHT_BITS
+        else:
+            wb = by_name[name].weight_bits
+            qlayer = _quant_layer(gm.get_submodule(name), wb, quants, False)
+            report.weight_bits[name] = wb
+        _set_submodule(gm, name, qlayer)
+
+    # 2. which tensors get a quantizer, and with how many bits
+    need: dict[fx.Node, list[int]] = {}
+    for node in layer_nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            raise OmpqError(f"layer {node.target} is called without a tensor input")
+        src = _source_of(gm, node.args[0])
+        contrib = need.setdefault(src, [])
+        if str(node.target) not in fixed:
+            contrib.append(by_name[str(node.target)].act_bits)
+    relus = [n for n in graph.nodes if _is_relu(gm, n)]
+    for r in relus:
+        need.setdefault(r, [])
+    adds = [n for n in graph.nodes if _is_residual_add(n)]
+    default_bits = profile.pinned_act_bits
+
+    def bits_for(node: fx.Node) -> int:
+        found = need.get(node) or []
+        if found:
+            return max(found)
+        # an add feeding a ReLU takes the ReLU's bits
+        users = [u for u in node.users if not _is_non_tensor_use(u)]
+        if len(users) == 1 and users[0] in need and need[users[0]]:
+            return max(need[users[0]])
+        return default_bits
+
+    # 3. insert quantizers after each source (before adds, so adds see quantized operands)
+    for src in [n for n in graph.nodes if n in need]:
+        nbits = bits_for(src)
+        signed = not _is_relu(gm, src)
+        if src.op == "placeholder":
+            base = "input_quant"
+        elif src.op == "call_module":
+            base = f"{src.target}_quant"
+        else:
+            owner = _owner_path(src)
+            base = f"{owner}.{src.name}_quant" if owner else f"{src.name}_quant"
+        qname = _unique_name(gm, base)
+        gm.add_submodule(qname, _act_quantizer(quants, nbits, signed))
+        report.act_quantizers[qname] = nbits
+        with graph.inserting_after(src):
+            qnode = graph.call_module(qname, (src,))
+        src.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+
+    # 4. one shared quantizer on both inputs of each residual add
+    for add in adds:
+        nbits = bits_for(add)
+        owner = _owner_path(add)
+        base = f"{owner}.add_quant" if owner else f"{add.name}_quant"
+        qname = _unique_name(gm, base)
+        gm.add_submodule(qname, _act_quantizer(quants, nbits, signed=True))
+        report.act_quantizers[qname] = nbits
+        report.shared_add_quantizers.append(qname)
+        new_args = list(add.args)
+        for i in (0, 1):
+            with graph.inserting_before(add):
+                new_args[i] = graph.call_module(qname, (add.args[i],))
+        add.args = tuple(new_args)
+
+    # 5. tensor methods a QuantTensor lacks (mean, sum, ...) get the plain float tensor
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target not in _QUANT_TENSOR_METHODS and node.args:
+            with graph.inserting_before(node):
+                plain = graph.call_function(_dequant, (node.args[0],))
+            node.args = (plain, *node.args[1:])
+
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    with torch.no_grad():  # initialise the weight scales from the (folded) float weights
+        for layer in quant_layers(gm).values():
+            layer.quant_weight()
+    gm.ompq_report = report  # type: ignore[assignment]
+    return gm
+
+
+def quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
+    """Name -> Brevitas weight layer (QuantConv1d/2d, QuantLinear) of a quantized model."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return {
+        n: m for n, m in qmodel.named_modules() if isinstance(m, QuantWeightBiasInputOutputLayer)
+    }
+
+
+def uniform_bitconfig(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    weight_bits: int,
+    act_bits: int,
+    model_name: str = "model",
+    profile_name: str = "generic",
+) -> BitConfig:
+    """A BitConfig with the same bits for every layer the layer discovery finds."""
+    from ompq_plugin.bitconfig import LayerBits
+    from ompq_plugin.layers import discover_layers
+
+    found = discover_layers(model, example_input[:1])
+    layers = [
+        LayerBits(
+            name=li.name,
+            kind=li.kind,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            params=li.params,
+            macs=li.macs,
+            input_numel=li.input_numel,
+            act_group=li.act_group,
+        )
+        for li in found.layers
+    ]
+    return BitConfig(model=model_name, profile=profile_name, method="uniform", layers=layers)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ompq_plugin.hw_profiles.loader import load_profile
 from torch import nn
 
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.hw_profiles.loader import load_profile
 from ompq_plugin.models.cifar_resnet import resnet20
 from ompq_plugin.ptq import calibrate
 from ompq_plugin.qat import finetune

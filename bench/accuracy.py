@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ompq_plugin.hw_profiles.loader import load_profile  # noqa: E402
+from ompq_plugin.hw_profiles import load_profile  # noqa: E402
 
 from ompq_plugin.bitconfig import BitConfig  # noqa: E402
 from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise  # noqa: E402
@@ -40,20 +40,26 @@ from ompq_plugin.quantize import quantize, uniform_bitconfig  # noqa: E402
 
 def _bits(name: str, model: torch.nn.Module, samples: torch.Tensor, profile_name: str,
           notes: list[str]) -> BitConfig:
+    """w8a8: uniform. avg4 / avg3: OMPQ at 4 / 3 average weight bits with the profile's weight
+    choices. avg4_w3: the same with weights of at least 3 bits. Activations 8 bit throughout:
+    the search itself is run with 8-bit activations as the only choice."""
     if name == "w8a8":
         return uniform_bitconfig(model, samples, 8, 8, "resnet20", profile_name)
-    avg = {"avg4": 4, "avg3": 3}[name]
-    try:
-        from ompq_plugin.budgets import Budgets
-        from ompq_plugin.search import search
-    except ImportError:
-        notes.append(f"{name}: ompq_plugin.search unavailable, used uniform {avg}-bit weights")
-        return uniform_bitconfig(model, samples, avg, 8, "resnet20", profile_name)
+    from ompq_plugin.hw_profiles.profile import BitChoices
+
+    from ompq_plugin.budgets import Budgets
+    from ompq_plugin.search import search
+
+    avg = {"avg4": 4, "avg3": 3, "avg4_w3": 4}[name]
+    profile = load_profile(profile_name)
+    weights = profile.default_bits.weight
+    if name.endswith("_w3"):
+        weights = tuple(w for w in weights if w >= 3)
+    profile = replace(profile, default_bits=BitChoices(weights, (8,)), kind_bits={})
     params = sum(m.weight.numel() for m in model.modules()
                  if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
-    cfg = search(model, samples, profile_name, Budgets(weight_memory_bits=params * avg))
-    # activations stay 8 bit in this benchmark, whatever the search chose
-    return replace(cfg, layers=[replace(lb, act_bits=8) for lb in cfg.layers])
+    return search(model, samples, profile, Budgets(weight_memory_bits=params * avg),
+                  model_name="resnet20")
 
 
 def main() -> int:
@@ -61,7 +67,7 @@ def main() -> int:
     default_data = os.environ.get("OMPQ_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--data", default=default_data)
     ap.add_argument("--profile", default="generic")
-    ap.add_argument("--configs", default="w8a8,avg4,avg3")
+    ap.add_argument("--configs", default="w8a8,avg4,avg4_w3,avg3")
     ap.add_argument("--calib", type=int, default=256, help="calibration images (exact train)")
     ap.add_argument("--search-samples", type=int, default=64)
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)

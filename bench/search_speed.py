@@ -81,8 +81,10 @@ def solve_resnet50_ip() -> dict:
     found = discover_layers(model, torch.randn(1, 3, 224, 224))
     weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
     layers = tuple(
-        AllocationLayer(l.name, l.kind, l.params, l.macs, l.input_numel, l.act_group, weights, acts)
-        for l in found.layers
+        AllocationLayer(
+            lay.name, lay.kind, lay.params, lay.macs, lay.input_numel, lay.act_group, weights, acts
+        )
+        for lay in found.layers
     )
     theta = [math.exp(-0.1 * i % 7) for i in range(len(layers))]
     pins = {layers[0].name: (8, 8), layers[-1].name: (8, 8)}
@@ -96,7 +98,7 @@ def solve_resnet50_ip() -> dict:
         runs.append(time.perf_counter() - start)
     return {
         "layers": len(layers),
-        "act_groups": len({l.act_group for l in layers}),
+        "act_groups": len({lay.act_group for lay in layers}),
         "weight_choices": len(weights),
         "act_choices": len(acts),
         "budgets": ["weight_memory = 4 bit avg", "bops = 4 x 6 bit avg"],

@@ -17,7 +17,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     if not parent.is_dir():
         from ompq_plugin.errors import OmpqError
 
-        raise OmpqError(f"output folder {parent} does not exist: create it or choose another -o path")
+        raise OmpqError(f"output folder {parent} does not exist: create it or choose another path")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp_path = Path(tmp)

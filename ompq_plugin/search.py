@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +78,8 @@ def run_search(
     seed: int | None = None,
     allow_unsupported: bool = False,
     time_limit_s: float = 60.0,
+    weight_bits: Sequence[int] | None = None,
+    act_bits: Sequence[int] | None = None,
 ) -> SearchResult:
     """Run OMPQ and return the BitConfig with the ORM matrix and the solver's answer.
 
@@ -85,7 +87,8 @@ def run_search(
     the profile's value). ``pins`` fix (weight bits, act bits) of named layers; ``None`` in a
     pin leaves that part free. By default the first and last layer are pinned to the profile's
     pinned bits (8/8 unless the profile says otherwise) and, as in the authors' code, left out
-    of the importance computation.
+    of the importance computation. ``weight_bits`` / ``act_bits`` narrow the profile's choices
+    for the free layers (e.g. 3..8 for PTQ, where 2-bit layers rarely recover).
     """
     if method not in METHODS:
         raise OmpqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -119,8 +122,12 @@ def run_search(
     orm_s = grams.gram_s + time.perf_counter() - start
 
     coeff = _coefficients(len(found.layers), scored, theta_sub)
+    narrow = _narrowing(hw, weight_bits, act_bits)
     problem = AllocationProblem(
-        layers=tuple(_allocation_layer(layer, hw) for layer in found.layers),
+        layers=tuple(
+            _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
+            for layer in found.layers
+        ),
         weight_coeff=tuple(coeff),
         budgets=limits,
         pins=pin_map,
@@ -179,8 +186,40 @@ def _coefficients(n_layers: int, scored: list[int], theta: np.ndarray) -> list[f
     return coeff
 
 
-def _allocation_layer(layer: LayerInfo, hw: HardwareProfile) -> AllocationLayer:
+def _narrowing(
+    hw: HardwareProfile, weight_bits: Sequence[int] | None, act_bits: Sequence[int] | None
+) -> tuple[set[int] | None, set[int] | None]:
+    """The user's subsets of bit widths, checked against what the profile offers at all."""
+    offered = [hw.default_bits, *hw.kind_bits.values()]
+    out: list[set[int] | None] = []
+    for flag, wanted, have in (
+        ("--weight-bits", weight_bits, {b for c in offered for b in c.weight}),
+        ("--act-bits", act_bits, {b for c in offered for b in c.activation}),
+    ):
+        if wanted is None:
+            out.append(None)
+            continue
+        extra = sorted(set(wanted) - have)
+        if extra or not wanted:
+            raise OmpqError(
+                f"{flag} {','.join(map(str, wanted))}: profile {hw.name} offers "
+                f"{sorted(have)} only; choose among those"
+            )
+        out.append(set(wanted))
+    return out[0], out[1]
+
+
+def _allocation_layer(
+    layer: LayerInfo,
+    hw: HardwareProfile,
+    narrow: tuple[set[int] | None, set[int] | None] | None,
+) -> AllocationLayer:
     choices = hw.bits_for(layer.kind)
+    weights, acts = choices.weight, choices.activation
+    if narrow is not None:
+        keep_w, keep_a = narrow
+        weights = tuple(b for b in weights if keep_w is None or b in keep_w) or weights
+        acts = tuple(b for b in acts if keep_a is None or b in keep_a) or acts
     return AllocationLayer(
         name=layer.name,
         kind=layer.kind,
@@ -188,8 +227,8 @@ def _allocation_layer(layer: LayerInfo, hw: HardwareProfile) -> AllocationLayer:
         macs=layer.macs,
         input_numel=layer.input_numel,
         act_group=layer.act_group,
-        weight_choices=choices.weight,
-        act_choices=choices.activation,
+        weight_choices=weights,
+        act_choices=acts,
     )
 
 

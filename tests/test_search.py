@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from ompq_plugin.hw_profiles import load_profile
 
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.cli import main
 from ompq_plugin.data import search_samples
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
-from ompq_plugin.hw_profiles import load_profile
+from ompq_plugin.layers import QUANTIZABLE_TYPES
 from ompq_plugin.models import build_model
 from ompq_plugin.search import parse_pin, run_search, search
 
@@ -27,7 +28,7 @@ def resnet20(data_dir):
 @pytest.fixture(scope="module")
 def four_bit(resnet20):
     model, samples = resnet20
-    params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight.dim() > 1)
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES))
     budgets = Budgets(weight_memory_bits=4 * params)
     return run_search(model, samples, "generic", budgets, model_name="resnet20", seed=0), budgets
 
@@ -149,3 +150,15 @@ def test_cli_errors_are_one_line_and_leave_no_file(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["search", "--bogus"])
     assert usage.value.code == 2
+
+
+def test_narrowed_bit_choices_apply_to_free_layers_only(resnet20):
+    model, samples = resnet20
+    config = search(model, samples, "generic", Budgets(weight_memory_bits=4.5 * 268_336),
+                    weight_bits=[3, 4, 5, 6], act_bits=[6])
+    free = config.layers[1:-1]
+    assert {lb.weight_bits for lb in free} <= {3, 4, 5, 6}
+    assert {lb.act_bits for lb in free} == {6}
+    assert (config.layers[0].weight_bits, config.layers[-1].act_bits) == (8, 8)  # pins kept
+    with pytest.raises(OmpqError, match="offers"):
+        search(model, samples, "tensorrt", weight_bits=[4])

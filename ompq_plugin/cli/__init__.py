@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ompq_plugin.errors import OmpqError
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Brevitas announces optional kernels and its own deprecations on import; not the user's issue.
+    warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
+    warnings.filterwarnings("ignore", message=".*brevitas.fx is deprecated.*")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

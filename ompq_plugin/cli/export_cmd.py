@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--check", choices=("hls4ml",), action="append", default=[],
                    help="also convert with hls4ml and compare its C++ emulation bit for bit")
     p.add_argument("--images", type=int, default=8, help="real test images used to verify")
-    p.add_argument("--data-dir", default=None, help="data folder (default $OMPQ_DATA_DIR)")
+    p.add_argument("--data", default=None, help="data folder (default $OMPQ_DATA_DIR)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_export)
 
@@ -29,43 +29,26 @@ def add_parser(sub: Any) -> None:
     q.set_defaults(func=run_inspect)
 
 
-def _images(spec: Any, data_dir: str | None, n: int) -> Any:
-    """First ``n`` images of the exact CIFAR test split, normalised for the model."""
+def _images(norm: tuple[list[float], list[float]] | None, data_dir: str | None, n: int) -> Any:
+    """First ``n`` images of the exact CIFAR test split, normalised as the model was."""
     from ompq_plugin import data
-
-    folder = data.cifar_folder(data.resolve_data_dir(data_dir), "exact")
-    split = data.load_cifar10(folder, "test")
-    if n < 1:
-        raise OmpqError("--images must be at least 1")
     from ompq_plugin.models import CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD
 
-    mean = getattr(spec, "mean", None) or CIFAR_IMAGENET_MEAN
-    std = getattr(spec, "std", None) or CIFAR_IMAGENET_STD
-    return data.normalise(split.images[:n], mean, std)
-
-
-def _load(path: str) -> tuple[Any, Any, Any]:
-    """(model, BitConfig, model spec or None) from a quantized model file (qmodel_io)."""
-    try:
-        from ompq_plugin import qmodel_io
-    except ImportError:
-        raise OmpqError("this build has no quantized-model reader (ompq_plugin.qmodel_io); "
-                        "update ompq-plugin") from None
-    loader = getattr(qmodel_io, "load_qmodel", None) or qmodel_io.load
-    loaded = loader(path)
-    if isinstance(loaded, tuple):
-        model, bits = loaded[0], loaded[1] if len(loaded) > 1 else None
-        return model, bits, None
-    model = getattr(loaded, "model", loaded)
-    bits = getattr(loaded, "bits", None) or getattr(loaded, "bitconfig", None)
-    return model, bits, getattr(loaded, "spec", None)
+    if n < 1:
+        raise OmpqError("--images must be at least 1")
+    folder = data.cifar_folder(data.resolve_data_dir(data_dir), "exact")
+    split = data.load_cifar10(folder, "test")
+    mean, std = norm if norm else (CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD)
+    return data.normalise(split.images[:n], tuple(mean), tuple(std))
 
 
 def run_export(args: argparse.Namespace) -> int:
     from ompq_plugin.exporters import export_qcdq, export_qonnx
+    from ompq_plugin.qmodel_io import load_quantized
 
-    qmodel, bits, spec = _load(args.qmodel)
-    images = _images(spec, args.data_dir, args.images)
+    loaded = load_quantized(args.qmodel)
+    qmodel, bits = loaded.model, loaded.bits
+    images = _images(loaded.meta.get("norm"), args.data, args.images)
     export = export_qonnx if args.format == "qonnx" else export_qcdq
     report = export(qmodel, Path(args.output), images, bits)
     if "hls4ml" in args.check:

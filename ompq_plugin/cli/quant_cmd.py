@@ -13,7 +13,8 @@ from ompq_plugin.errors import OmpqError
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("quantize", help="build the integer-only Brevitas model of a BitConfig")
-    p.add_argument("--model", required=True, help="registry name or path/to/file.py:factory")
+    p.add_argument("--model", help="registry name or path/to/file.py:factory "
+                   "(default: the model named in the BitConfig)")
     p.add_argument("--weights", help="float checkpoint (default: the data folder's, if any)")
     p.add_argument("--bits", required=True, help="BitConfig JSON from `ompq search`")
     p.add_argument("--profile", help="profile name or TOML path (default: the BitConfig's)")
@@ -73,7 +74,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data)
     bits = BitConfig.load(args.bits)
     profile = load_profile(args.profile or bits.profile)
-    model, spec = build_model(args.model, args.weights, data_dir)
+    model_name = args.model or bits.model
+    model, spec = build_model(model_name, args.weights, data_dir)
     train = load_cifar10(cifar_folder(data_dir, "exact"), "train")
     idx = choose_samples(train, args.calib, seed=0)
     samples = normalise(train.images[idx], spec.mean, spec.std)
@@ -81,7 +83,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     calibrate(qmodel, samples, bias_correction=args.bias_correction, gptq=args.gptq)
     meta = {"norm": _norm(spec), "calib": args.calib, "bias_correction": args.bias_correction,
             "gptq": args.gptq, "float_weights": spec.weights_path}
-    save_quantized(args.output, qmodel, args.model, bits, profile, meta)
+    save_quantized(args.output, qmodel, model_name, bits, profile, meta)
     print(f"wrote {args.output}: {len(bits.layers)} layers, average weight bits "
           f"{bits.average_weight_bits:.2f}, profile {profile.name}")
     return 0

@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--avg-weight-bits", type=float, help="weight memory as average bits/param")
     p.add_argument("--bops-g", type=float, help="BOPs budget in G (MACs x w x a)")
     p.add_argument("--act-buffer-kib", type=float, help="largest activation buffer budget")
+    p.add_argument("--weight-bits", type=_bit_list, metavar="LIST",
+                   help="narrow the profile's weight bits for free layers, e.g. 3,4,5,6,8")
+    p.add_argument("--act-bits", type=_bit_list, metavar="LIST",
+                   help="narrow the profile's activation bits for free layers, e.g. 8")
     p.add_argument("--beta", type=float, default=None, help="importance spread (default 1.0)")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
     p.add_argument("--seed", type=int, default=0)
@@ -42,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
     p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
     p.set_defaults(func=run)
+
+
+def _bit_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of bits, e.g. 4,8") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         allow_unsupported=args.allow_unsupported,
         time_limit_s=args.time_limit,
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
     )
     config = result.config
     if not spec.pretrained:

@@ -1,4 +1,5 @@
-"""CIFAR-10 ResNets (He et al. 2016, "option A" shortcuts), layout of akamaster/pytorch_resnet_cifar10.
+"""CIFAR-10 ResNets (He et al. 2016, "option A" shortcuts) in the layout of akamaster's
+pytorch_resnet_cifar10.
 
 Parameter names match the akamaster checkpoints in ../shared/data/weights, so they load with
 ``strict=True`` once the ``module.`` prefix is removed. Two changes that leave the function

@@ -12,9 +12,11 @@ import random
 import re
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
+from ompq_plugin import allocate
 from ompq_plugin.allocate import (
     AllocationLayer,
     AllocationProblem,
@@ -71,6 +73,7 @@ def configs(problem: AllocationProblem):
     for lay in layers:
         pin_w = problem.pins.get(lay.name, (None, None))[0]
         w_sets.append([w for w in lay.weight_choices if pin_w in (None, w)])
+    excluded = {lay.name: set(lay.excluded_pairs) for lay in layers}
     a_sets = []
     for g in groups:
         common = None
@@ -83,6 +86,11 @@ def configs(problem: AllocationProblem):
     for ws in itertools.product(*w_sets):
         for acts in itertools.product(*a_sets):
             by_group = dict(zip(groups, acts, strict=True))
+            if any(
+                (w, by_group[lay.act_group]) in excluded[lay.name]
+                for lay, w in zip(layers, ws, strict=True)
+            ):
+                continue
             yield (
                 {lay.name: w for lay, w in zip(layers, ws, strict=True)},
                 {lay.name: by_group[lay.act_group] for lay in layers},
@@ -124,14 +132,15 @@ def with_budgets(problem: AllocationProblem, **kw: float) -> AllocationProblem:
     return AllocationProblem(problem.layers, problem.weight_coeff, Budgets(**values), problem.pins)
 
 
-def check_against_brute_force(problem: AllocationProblem) -> None:
+def check_against_brute_force(problem: AllocationProblem, solver: str = "auto") -> None:
     best = brute_force(problem)
     if best is None:
         with pytest.raises(InfeasibleBudgetError):
-            solve(problem)
+            solve(problem, solver=solver)
         return
-    result = solve(problem)
+    result = solve(problem, solver=solver)
     assert result.status == "optimal"
+    assert result.solver == solver or solver == "auto"
     assert fits(problem, result.weight_bits, result.act_bits)
     assert result.objective == pytest.approx(best[0], rel=1e-7, abs=1e-9)
     assert (result.weight_memory_bits, result.bops, result.max_act_buffer_bits) == usage(
@@ -176,15 +185,17 @@ def test_eq10_rejects_bad_theta() -> None:
 # --- brute force -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("solver", ["dp", "cbc"])
 @pytest.mark.parametrize("seed", range(30))
-def test_matches_brute_force(seed: int) -> None:
-    check_against_brute_force(random_problem(random.Random(seed)))
+def test_matches_brute_force(seed: int, solver: str) -> None:
+    check_against_brute_force(random_problem(random.Random(seed)), solver)
 
 
+@pytest.mark.parametrize("solver", ["dp", "cbc"])
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_brute_force_at_resnet_scale(seed: int) -> None:
+def test_matches_brute_force_at_resnet_scale(seed: int, solver: str) -> None:
     # BOPs ~1e11 and memory ~1e8 bits: CBC's tolerances act on scaled rows
-    check_against_brute_force(random_problem(random.Random(100 + seed), scale=20000))
+    check_against_brute_force(random_problem(random.Random(100 + seed), scale=20000), solver)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -309,6 +320,157 @@ def test_infeasible_with_pins_kept() -> None:
     with pytest.raises(InfeasibleBudgetError, match=rf"\({smallest} bits; .*pins kept"):
         solve(with_budgets(problem, weight_memory_bits=smallest - 0.5))
     assert solve(with_budgets(problem, weight_memory_bits=smallest)).weight_memory_bits == smallest
+
+
+# --- excluded (weight, act) pairs ----------------------------------------------------------------
+
+
+def with_exclusions(rng: random.Random, problem: AllocationProblem) -> AllocationProblem:
+    """Exclude 1-3 random (w, a) pairs on some layers (never all of a layer's pairs)."""
+    layers = []
+    for lay in problem.layers:
+        pairs = [(w, a) for w in lay.weight_choices for a in lay.act_choices]
+        bad = tuple(rng.sample(pairs, min(len(pairs) - 1, rng.randint(1, 3))))
+        layers.append(replace(lay, excluded_pairs=bad if rng.random() < 0.7 else ()))
+    return AllocationProblem(tuple(layers), problem.weight_coeff, problem.budgets, problem.pins)
+
+
+def test_excluded_pairs_are_respected() -> None:
+    base = tiny()
+    layers = (replace(base.layers[0], excluded_pairs=((8, 8),)), *base.layers[1:])
+    result = solve(AllocationProblem(layers, base.weight_coeff, INF))
+    assert (result.weight_bits["a"], result.act_bits["a"]) != (8, 8)
+    check_against_brute_force(AllocationProblem(layers, base.weight_coeff, INF))
+    check_against_brute_force(AllocationProblem(layers, base.weight_coeff, INF), "cbc")
+
+
+@pytest.mark.parametrize("solver", ["dp", "cbc"])
+@pytest.mark.parametrize("seed", range(25))
+def test_excluded_pairs_match_brute_force(seed: int, solver: str) -> None:
+    rng = random.Random(3000 + seed)
+    problem = with_exclusions(rng, random_problem(rng))
+    try:
+        next(iter(configs(problem)))
+    except StopIteration:  # exclusions leave some group no usable act bits
+        with pytest.raises(OmpqError):
+            solve(problem, solver=solver)
+        return
+    check_against_brute_force(problem, solver)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("which", [0, 1])
+def test_excluded_pairs_infeasible_message_names_exact_minimum(seed: int, which: int) -> None:
+    rng = random.Random(4000 + seed)
+    problem = with_exclusions(rng, random_problem(rng))
+    problem = AllocationProblem(problem.layers, problem.weight_coeff, INF)
+    if next(iter(configs(problem)), None) is None:
+        return
+    smallest = extreme_usage(problem)[0][which]
+    field = ("weight_memory_bits", "bops")[which]
+    bad = with_budgets(problem, **{field: smallest - 1})
+    assert brute_force(bad) is None
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve(bad)
+    assert int(_BITS.search(str(info.value)).group(1)) == smallest
+    assert solve(with_budgets(problem, **{field: smallest})).status == "optimal"
+
+
+def test_jointly_infeasible_budgets_with_excluded_pairs() -> None:
+    # allowed: (2, 8) = 200 bits, 16000 BOPs and (4, 2) = 400 bits, 8000 BOPs
+    lay = AllocationLayer("x", "conv", 100, 1000, 10, "g", (2, 4), (2, 8), ((2, 2), (4, 8)))
+    problem = AllocationProblem((lay,), (1.0,), Budgets(weight_memory_bits=200, bops=16000))
+    assert brute_force(problem) is not None
+    assert solve(problem).weight_bits == {"x": 2}
+    joint = with_budgets(problem, weight_memory_bits=399, bops=15999)
+    assert brute_force(joint) is None
+    with pytest.raises(InfeasibleBudgetError, match="infeasible together"):
+        solve(joint)
+    with pytest.raises(InfeasibleBudgetError):
+        solve(joint, solver="cbc")
+
+
+def test_fully_excluded_layer_is_an_error() -> None:
+    base = tiny(pins={"a": (8, 8)})
+    layers = (replace(base.layers[0], excluded_pairs=((8, 8),)), *base.layers[1:])
+    with pytest.raises(OmpqError, match="excluded_pairs"):
+        solve(AllocationProblem(layers, base.weight_coeff, INF, base.pins))
+
+
+# --- the DP against CBC on medium instances, the CBC fallback -----------------------------------
+
+
+def medium_problem(rng: random.Random) -> AllocationProblem:
+    """15-25 layers, groups of 1-3 layers, 2-8 bit weights, some excluded pairs, two budgets."""
+    n = rng.randint(15, 25)
+    layers = []
+    group = 0
+    while len(layers) < n:
+        size = rng.choice([1, 1, 1, 2, 3])
+        acts = tuple(sorted(rng.sample([2, 4, 6, 8], rng.randint(2, 4))))
+        for _ in range(min(size, n - len(layers))):
+            params = rng.randint(1, 500) * 64
+            layers.append(
+                AllocationLayer(
+                    f"l{len(layers)}",
+                    "conv",
+                    params,
+                    params * rng.choice([1, 4, 16, 49, 196]),
+                    rng.randint(1000, 100000),
+                    f"g{group}",
+                    tuple(range(2, 9)),
+                    acts,
+                    ((4, 8),) if rng.random() < 0.3 else (),
+                )
+            )
+        group += 1
+    coeff = tuple(eq10_coefficients([math.exp(-rng.uniform(0, 3)) for _ in layers]))
+    params = sum(lay.params for lay in layers)
+    macs = sum(lay.macs for lay in layers)
+    budgets = Budgets(
+        weight_memory_bits=rng.uniform(3, 6) * params, bops=rng.uniform(10, 30) * macs
+    )
+    return AllocationProblem(tuple(layers), coeff, budgets)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_matches_cbc_on_medium_instances(seed: int) -> None:
+    problem = medium_problem(random.Random(5000 + seed))
+    dp = solve(problem, solver="dp")
+    cbc = solve(problem, time_limit_s=20, solver="cbc")
+    assert fits(problem, dp.weight_bits, dp.act_bits)
+    assert dp.objective == pytest.approx(cbc.objective, rel=1e-7)
+    assert dp.objective >= cbc.objective - 1e-9 * abs(cbc.objective)
+    for lay in problem.layers:
+        assert (dp.weight_bits[lay.name], dp.act_bits[lay.name]) not in lay.excluded_pairs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_too_many_states_falls_back_to_cbc(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocate, "_MAX_STATES", 2)
+    problem = random_problem(random.Random(600 + seed))
+    if brute_force(problem) is not None:
+        assert solve(problem).solver in ("dp", "cbc")  # tiny instances may stay under 2
+    check_against_brute_force(problem)
+    with pytest.raises(OmpqError, match="unknown solver"):
+        solve(problem, solver="gurobi")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("acts", [(2, 4, 6, 8), (4, 5, 6, 8)])
+def test_resnet50_sized_instances_finish(acts: tuple[int, ...], tie: bool) -> None:
+    # timings belong to bench/search_speed.py --ip; here: proven optimal by the DP, in budget
+    layers = resnet50_layers(acts, tie)
+    rng = random.Random(7)
+    coeff = tuple(eq10_coefficients([math.exp(-rng.uniform(0, 3)) for _ in layers]))
+    params = sum(lay.params for lay in layers)
+    macs = sum(lay.macs for lay in layers)
+    for avg_w, bops_per_mac in ((4, 16), (3, 12), (6, 30)):
+        budgets = Budgets(weight_memory_bits=avg_w * params, bops=bops_per_mac * macs)
+        problem = AllocationProblem(layers, coeff, budgets, {"conv1": (8, 8), "fc": (8, 8)})
+        result = solve(problem, time_limit_s=30)
+        assert result.status == "optimal" and result.solver == "dp"
+        assert fits(problem, result.weight_bits, result.act_bits)
 
 
 # --- hand-run speed check ------------------------------------------------------------------------

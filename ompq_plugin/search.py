@@ -229,6 +229,7 @@ def _allocation_layer(
         act_group=layer.act_group,
         weight_choices=weights,
         act_choices=acts,
+        excluded_pairs=hw.excluded_pairs,
     )
 
 

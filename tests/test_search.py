@@ -162,3 +162,13 @@ def test_narrowed_bit_choices_apply_to_free_layers_only(resnet20):
     assert (config.layers[0].weight_bits, config.layers[-1].act_bits) == (8, 8)  # pins kept
     with pytest.raises(OmpqError, match="offers"):
         search(model, samples, "tensorrt", weight_bits=[4])
+
+
+def test_profile_excluded_pairs_are_never_chosen(resnet20):
+    model, samples = resnet20
+    hw = load_profile("cmsis-nn")  # no int4-weight kernels for int16 activations
+    assert (4, 16) in hw.excluded_pairs
+    config = search(model, samples, hw, Budgets(weight_memory_bits=6 * 268_336))
+    pairs = {(lb.weight_bits, lb.act_bits) for lb in config.layers}
+    assert (4, 16) not in pairs
+    assert {lb.weight_bits for lb in config.layers} == {4, 8}

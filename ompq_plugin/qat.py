@@ -127,10 +127,17 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _is_layer_parameter(name: str) -> bool:
+    """A layer's own weight or bias, as opposed to a quantizer's scale."""
+    return name.endswith(".weight") or name.endswith(".bias")
+
+
+def _param_groups(
+    model: nn.Module, weight_decay: float, learn_scales: bool = False
+) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or not (learn_scales or _is_layer_parameter(name)):
             continue
         (decay if name.endswith("weight") and p.dim() > 1 else no_decay).append(p)
     return [
@@ -239,6 +246,7 @@ def finetune(
     progress: bool = True,
     eval_batch_size: int = 500,
     stop_after: int | None = None,
+    learn_scales: bool = False,
 ) -> list[EpochStats]:
     """Fine-tune ``qmodel`` in place; returns one :class:`EpochStats` per epoch run so far.
 
@@ -247,6 +255,11 @@ def finetune(
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel and
     ``batch_size`` is per process. ``stop_after`` ends the run after that many epochs of this
     call (the schedule still spans ``epochs``), to time-box a run and ``resume`` it later.
+
+    By default only the layers' weights and biases are trained; the quantizer scales keep their
+    calibrated values (``learn_scales=True`` trains them too). Measured on ResNet-20 at a mixed
+    ~4-bit average with 2-bit layers (GPTQ start 84.4 %, 2 epochs on the 5085 exact training
+    images, lr 0.002, 500 test images): fixed scales 87.0 %, learned scales 83.6 %.
     """
     if epochs < 1:
         raise OmpqError(f"--epochs must be at least 1, got {epochs}")
@@ -275,7 +288,7 @@ def finetune(
             qmodel, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = torch.optim.SGD(
-        _param_groups(qmodel, weight_decay), lr=lr, momentum=momentum, nesterov=False
+        _param_groups(qmodel, weight_decay, learn_scales), lr=lr, momentum=momentum, nesterov=False
     )
     steps_per_epoch = math.ceil((images.shape[0] // d.world) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import KIB_BITS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _num(value: float | None, fmt: str = "{:.3g}") -> str:
@@ -82,3 +86,27 @@ def print_config(config: BitConfig, console: Console | None = None) -> None:
         console = make_console()
     console.print(layer_table(config))
     console.print(totals_table(config))
+
+
+def plot_orm(orm: np.ndarray, names: list[str], path: str, title: str = "") -> None:
+    """Save the ORM matrix K as a heat map (PNG/SVG/PDF by the file's extension), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ompq_plugin.fileio import atomic_path
+
+    size = max(5.0, 0.22 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(orm, vmin=0.0, vmax=1.0, cmap="viridis")
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=90, fontsize=6)
+    ax.set_yticks(ticks, names, fontsize=6)
+    ax.set_title(title or "ORM between layers (1 = same function, 0 = orthogonal)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    suffix = path.rsplit(".", 1)[-1] if "." in path else "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix, dpi=150)
+    plt.close(fig)

@@ -128,7 +128,8 @@ def test_bitconfig_round_trip_and_corrupt_files(four_bit, tmp_path):
 def test_cli_search_round_trip(data_dir, tmp_path, capsys):
     out = tmp_path / "bits.json"
     rc = main(["search", "--data", str(data_dir), "--profile", "hls4ml", "--avg-weight-bits", "5",
-               "--bops-g", "1.5", "--samples", "32", "-o", str(out), "--json"])
+               "--bops-g", "1.5", "--samples", "32", "-o", str(out), "--json",
+               "--orm-plot", str(tmp_path / "orm.png")])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     config = BitConfig.load(out)
@@ -136,6 +137,7 @@ def test_cli_search_round_trip(data_dir, tmp_path, capsys):
     assert config.profile == "hls4ml" and config.samples == 32
     assert config.totals.bops <= 1.5e9
     assert config.average_weight_bits <= 5
+    assert (tmp_path / "orm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_errors_are_one_line_and_leave_no_file(data_dir, tmp_path, capsys):

@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit (s)")
     p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
     p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
+    p.add_argument("--orm-plot", metavar="PNG", help="also save the ORM matrix as a heat map")
     p.set_defaults(func=run)
 
 
@@ -102,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
     config.save(args.output)
+    if args.orm_plot:
+        from ompq_plugin.report import plot_orm
+
+        plot_orm(result.orm, result.layers.names, args.orm_plot,
+                 f"ORM of {spec.name} ({config.orm_form}, N={config.samples})")
     if args.json:
         print(json.dumps(config.to_json(), indent=2))
     else:

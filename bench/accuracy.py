@@ -30,12 +30,12 @@ from ompq_plugin.hw_profiles import load_profile  # noqa: E402
 
 from ompq_plugin.bitconfig import BitConfig  # noqa: E402
 from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise  # noqa: E402
-from ompq_plugin.evaluate import evaluate  # noqa: E402
+from ompq_plugin.evaluation import evaluate  # noqa: E402
 from ompq_plugin.fileio import write_text_atomic  # noqa: E402
 from ompq_plugin.models import build_model  # noqa: E402
 from ompq_plugin.ptq import calibrate  # noqa: E402
 from ompq_plugin.qat import finetune  # noqa: E402
-from ompq_plugin.quantize import quantize, uniform_bitconfig  # noqa: E402
+from ompq_plugin.quantizer import quantize, uniform_bitconfig  # noqa: E402
 
 
 def _bits(name: str, model: torch.nn.Module, samples: torch.Tensor, profile_name: str,
@@ -48,7 +48,7 @@ def _bits(name: str, model: torch.nn.Module, samples: torch.Tensor, profile_name
     from ompq_plugin.hw_profiles.profile import BitChoices
 
     from ompq_plugin.budgets import Budgets
-    from ompq_plugin.search import search
+    from ompq_plugin.searcher import search
 
     avg = {"avg4": 4, "avg3": 3, "avg4_w3": 4}[name]
     profile = load_profile(profile_name)

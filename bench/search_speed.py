@@ -33,7 +33,7 @@ def run_case(model_name: str, n: int, threads: int) -> dict:
 
     from ompq_plugin.data import resolve_data_dir, search_samples
     from ompq_plugin.models import build_model
-    from ompq_plugin.search import run_search
+    from ompq_plugin.searcher import run_search
 
     torch.set_num_threads(threads)
     data_dir = resolve_data_dir(None)

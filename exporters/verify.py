@@ -337,7 +337,7 @@ def check_bits(
         if exp.act_bits is not None and rb.act_bits is None:
             raise OmpqError(
                 f"layer {torch_name}: no activation quantizer found before node {rb.node}; "
-                "quantize the model with ompq_plugin.quantize so every layer input is quantized"
+                "quantize the model with ompq_plugin.quantizer so every layer input is quantized"
             )
     missing = [n for n in expected if n not in seen]
     if missing:

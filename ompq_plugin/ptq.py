@@ -1,4 +1,4 @@
-"""Post-training quantization of a model from :func:`ompq_plugin.quantize.quantize`.
+"""Post-training quantization of a model from :func:`ompq_plugin.quantizer.quantize`.
 
 ``calibrate`` sets the activation scales from statistics of real samples (Brevitas
 ``calibration_mode``); ``bias_correction`` removes the mean output shift that weight quantization

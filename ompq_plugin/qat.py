@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning of a model from :func:`ompq_plugin.quantize.quantize`.
+"""Quantization-aware fine-tuning of a model from :func:`ompq_plugin.quantizer.quantize`.
 
 SGD with momentum 0.9, cosine learning-rate schedule, weight decay 1e-4 (on conv/linear weights
 only, not on biases or quantizer scales), CIFAR augmentation in torch ops (random crop with 4-pixel

@@ -4,7 +4,7 @@ The file (``torch.save`` of plain data, readable with ``weights_only=True``) hol
 to rebuild the model: the model name (a registry name or ``path/to/file.py:factory``), the
 BitConfig JSON, the hardware profile's fields, the quantized state_dict and free-form metadata
 (PTQ options, training history). ``load_quantized`` rebuilds the float architecture, runs
-:func:`ompq_plugin.quantize.quantize` with the stored bits and profile, and loads the state.
+:func:`ompq_plugin.quantizer.quantize` with the stored bits and profile, and loads the state.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def build_float(model_name: str) -> nn.Module:
 
 def load_quantized(path: str | os.PathLike[str]) -> QuantizedModelFile:
     """Rebuild the quantized model stored in ``path`` (bits, profile and weights included)."""
-    from ompq_plugin.quantize import quantize
+    from ompq_plugin.quantizer import quantize
 
     payload = read_payload(path)
     bits = BitConfig.from_json(payload["bitconfig"], source=f"{path} (BitConfig)")

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from ompq_plugin.data import cifar_folder, load_cifar10
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.evaluate import count_correct, evaluate
+from ompq_plugin.evaluation import count_correct, evaluate
 from ompq_plugin.models import (
     CIFAR_IMAGENET_MEAN,
     CIFAR_IMAGENET_STD,

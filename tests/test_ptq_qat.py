@@ -17,7 +17,7 @@ from ompq_plugin.models.cifar_resnet import resnet20
 from ompq_plugin.ptq import calibrate
 from ompq_plugin.qat import finetune
 from ompq_plugin.qmodel_io import load_quantized, save_quantized
-from ompq_plugin.quantize import quant_layers, quantize, uniform_bitconfig
+from ompq_plugin.quantizer import quant_layers, quantize, uniform_bitconfig
 
 
 class Tiny(nn.Module):

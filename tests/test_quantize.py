@@ -14,7 +14,7 @@ from torch import nn
 
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.models.cifar_resnet import ShortcutA, resnet20
-from ompq_plugin.quantize import FixedShortcutConv, quant_layers, quantize, uniform_bitconfig
+from ompq_plugin.quantizer import FixedShortcutConv, quant_layers, quantize, uniform_bitconfig
 
 X = torch.zeros(1, 3, 32, 32)
 

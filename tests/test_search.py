@@ -14,7 +14,7 @@ from ompq_plugin.data import search_samples
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
 from ompq_plugin.layers import QUANTIZABLE_TYPES
 from ompq_plugin.models import build_model
-from ompq_plugin.search import parse_pin, run_search, search
+from ompq_plugin.searcher import parse_pin, run_search, search
 
 
 @pytest.fixture(scope="module")

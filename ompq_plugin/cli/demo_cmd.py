@@ -35,15 +35,15 @@ def run(args: argparse.Namespace) -> int:
         resolve_data_dir,
         search_samples,
     )
-    from ompq_plugin.evaluate import evaluate
+    from ompq_plugin.evaluation import evaluate
     from ompq_plugin.exporters import export_qonnx
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.models import build_model
     from ompq_plugin.ptq import calibrate
     from ompq_plugin.qmodel_io import save_quantized
-    from ompq_plugin.quantize import quantize
+    from ompq_plugin.quantizer import quantize
     from ompq_plugin.report import print_config
-    from ompq_plugin.search import search
+    from ompq_plugin.searcher import search
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():

@@ -67,7 +67,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ompq_plugin.models import build_model
     from ompq_plugin.ptq import calibrate
     from ompq_plugin.qmodel_io import save_quantized
-    from ompq_plugin.quantize import quantize
+    from ompq_plugin.quantizer import quantize
 
     if args.calib < 1:
         raise OmpqError(f"--calib must be at least 1, got {args.calib}")
@@ -128,7 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ompq_plugin.data import cifar_folder, load_cifar10, resolve_data_dir
-    from ompq_plugin.evaluate import evaluate
+    from ompq_plugin.evaluation import evaluate
     from ompq_plugin.models import build_model
     from ompq_plugin.qmodel_io import load_quantized
 

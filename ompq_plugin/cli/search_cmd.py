@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import QUANTIZABLE_TYPES
     from ompq_plugin.models import build_model
-    from ompq_plugin.search import DEFAULT_BETA, parse_pin, run_search
+    from ompq_plugin.searcher import DEFAULT_BETA, parse_pin, run_search
 
     for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples"):
         value = getattr(args, name)

@@ -1,7 +1,7 @@
 """``ompq demo``: the whole flow on the embedded default, with real data and real weights.
 
-Pretrained CIFAR-10 ResNet-20 -> OMPQ search (64 real training images, 4-bit average weights,
-8-bit activations, generic integer target) -> Brevitas quantization -> PTQ (calibration, bias
+Pretrained CIFAR-10 ResNet-20 -> OMPQ search (64 real training images, 4-bit average weights
+from 3..8-bit layers, 8-bit activations, generic integer target) -> Brevitas quantization -> PTQ (calibration, bias
 correction, GPTQ) -> top-1 on the 1017 exact-pixel test images -> verified QONNX file.
 """
 
@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data folder (default: $OMPQ_DATA_DIR)")
     p.add_argument("--profile", default="generic", help="profile name or .toml path")
     p.add_argument("--avg-weight-bits", type=float, default=4.0)
+    p.add_argument("--weight-bits", default="3,4,5,6,7,8",
+                   help="weight widths the free layers may use (2-bit layers cost ~9 points "
+                   "after PTQ on ResNet-20: bench/results/accuracy.json)")
     p.add_argument("--no-gptq", action="store_true", help="skip GPTQ (faster, less accurate)")
     p.add_argument("-o", "--output-dir", default="ompq-demo", help="folder for the three files")
     p.set_defaults(func=run)
@@ -63,14 +66,15 @@ def run(args: argparse.Namespace) -> int:
     float_top1 = evaluate(model, test, norm=spec)
     print(f"top-1 {float_top1:.2f}%  ({time.perf_counter() - t:.1f} s)")
 
-    t = step(f"OMPQ search: {args.avg_weight_bits:g}-bit average weights, 8-bit activations, "
-             f"profile {profile.name}")
+    weight_bits = [int(b) for b in args.weight_bits.split(",")]
+    t = step(f"OMPQ search: {args.avg_weight_bits:g}-bit average weights from "
+             f"{args.weight_bits}-bit layers, 8-bit activations, profile {profile.name}")
     samples = search_samples(data_dir, spec, 64, seed=0)
     total_params = sum(p.numel() for n, p in model.named_parameters()
                        if n.endswith("weight") and p.dim() > 1)
     bits = search(model, samples, profile,
                   Budgets(weight_memory_bits=args.avg_weight_bits * total_params),
-                  act_bits=[8], model_name="resnet20", seed=0)
+                  weight_bits=weight_bits, act_bits=[8], model_name="resnet20", seed=0)
     print_config(bits)
     bits.save(out / "bits.json")
 

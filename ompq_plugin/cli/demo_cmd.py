@@ -1,8 +1,9 @@
 """``ompq demo``: the whole flow on the embedded default, with real data and real weights.
 
 Pretrained CIFAR-10 ResNet-20 -> OMPQ search (64 real training images, 4-bit average weights
-from 3..8-bit layers, 8-bit activations, generic integer target) -> Brevitas quantization -> PTQ (calibration, bias
-correction, GPTQ) -> top-1 on the 1017 exact-pixel test images -> verified QONNX file.
+from 3..8-bit layers, 8-bit activations, generic integer target) -> Brevitas quantization ->
+PTQ (calibration, bias correction, GPTQ) -> top-1 on the 1017 exact-pixel test images ->
+verified QONNX file.
 """
 
 from __future__ import annotations

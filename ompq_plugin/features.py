@@ -2,8 +2,8 @@
 
 The traced graph is copied with a tap after each layer's feature point (see ``layers``); the tap
 turns the feature into its float64 Gram, and the feature is freed after its last use as in the
-plain forward pass. Peak memory is therefore one forward pass plus L Grams of N x N, never all features at
-once. An untraceable model falls back to forward hooks on the layers themselves.
+plain forward pass. Peak memory is therefore one forward pass plus L Grams of N x N, never all
+features at once. An untraceable model falls back to forward hooks on the layers themselves.
 """
 
 from __future__ import annotations

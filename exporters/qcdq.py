@@ -73,6 +73,33 @@ def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = Fal
                            for i in range(len(images))])
 
 
+def run_onnxruntime_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every tensor of one onnxruntime run with the given graph inputs."""
+    import onnxruntime as ort
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    have = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in have:
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
+                have.add(out)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]})") from None
+    names = [o.name for o in sess.get_outputs()]
+    values = sess.run(names, {k: v for k, v in feeds.items()
+                              if k in {i.name for i in sess.get_inputs()}})
+    return {**feeds, **dict(zip(names, values, strict=True))}
+
+
 def export_qcdq(
     qmodel: nn.Module,
     path: str | os.PathLike[str],
@@ -106,7 +133,8 @@ def export_qcdq(
         t_export = time.perf_counter()
         annotate(model, map_layers(model, qmodel, images[:1]), expected)
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact,
-                           runner=run_onnxruntime, runtime="onnxruntime")
+                           runner=run_onnxruntime, runtime="onnxruntime",
+                           feeds_runner=run_onnxruntime_feeds)
         t_verify = time.perf_counter()
         node_map = write_metadata(model, "qcdq", bits, ver)
         target = save_atomic(model, path)
@@ -114,8 +142,7 @@ def export_qcdq(
         qmodel.train(was_training)
     return ExportReport(
         path=target, format="qcdq", layers=ver.layers, node_map=node_map,
-        n_images=ver.n_images, max_abs_diff=ver.max_abs_diff, exact=ver.exact,
-        tolerance=ver.tolerance, runtime="onnxruntime", verified=True,
+        runtime="onnxruntime", verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "verify": t_verify - t_export,
                  "total": time.perf_counter() - t0},
     )

@@ -212,3 +212,121 @@ def test_resnet20_export(resnet20_q, images, tmp_path, fmt):
     read = report.bits
     for lb in bc.layers:
         assert read[lb.name] == (lb.weight_bits, lb.act_bits), lb.name
+
+
+# ------------------------------------------------------------------------------------------------
+# float scales: one-LSB rounding-boundary flips (accumulation order) accepted, bugs refused
+
+
+@pytest.fixture(scope="module")
+def small_float(data_dir: Path, images, tmp_path_factory) -> tuple[nn.Module, onnx.ModelProto]:
+    m = make_small(data_dir, po2=False)
+    path = tmp_path_factory.mktemp("float") / "f.onnx"
+    export_qonnx(m, path, images)
+    return m, onnx.load(str(path))
+
+
+def _nudge(model: onnx.ModelProto, images: torch.Tensor, image: int, to_boundary: bool,
+           feeds: str = "conv2") -> onnx.ModelProto:
+    """Copy of ``model`` with an Add before the input quantizer of ``feeds`` that moves one value
+    of
+    ``image``: just across its nearest rounding boundary (``to_boundary``, a 1-LSB flip of a
+    value on the boundary, as float accumulation order causes), or by a whole LSB."""
+    from ompq_plugin.exporters.qonnx import run_qonnx_feeds
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = V.Graph(model)
+    quant = next(n for n in model.graph.node if V.node_meta(n).get("role") == "act"
+                 and V.node_meta(n).get("feeds") == feeds)
+    scale = float(g.const(quant.input[1]))
+    ctx = run_qonnx_feeds(model, {model.graph.input[0].name: images[image : image + 1].numpy()})
+    x = np.asarray(ctx[quant.input[0]], np.float64)
+    u = x / scale
+    inside = (u > 1) & (u < 2 ** SMALL_BITS[feeds][1] - 2)
+    gap = np.where(inside, np.abs(u - np.floor(u) - 0.5), np.inf if to_boundary else -1)
+    k = np.unravel_index(int(np.argmin(gap) if to_boundary else np.argmax(gap)), u.shape)
+    boundary = np.floor(u[k]) + 0.5
+    away = 1.0 if np.round(u[k]) == np.floor(u[k]) else -1.0  # towards the other level
+    step = (boundary - u[k] + away * 1e-5) if to_boundary else 1.0
+    eps = np.zeros(x.shape, np.float32)
+    eps[k] = np.float32(step * scale)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(eps, "nudge"))
+    add = onnx.helper.make_node("Add", [quant.input[0], "nudge"], ["nudged"], name="Nudge")
+    model.graph.node.insert(list(model.graph.node).index(quant), add)
+    quant.input[0] = "nudged"
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+        "nudged", onnx.TensorProto.FLOAT, list(x.shape)))
+    return model
+
+
+def test_float_rounding_boundary_flip_accepted_and_counted(small_float, images):
+    m, model = small_float
+    ver = verify_qonnx(_nudge(model, images, 3, to_boundary=True), m, images)
+    assert ver.boundary_flips == 1 and ver.flip_layers == ["conv1"] and ver.forced_images == 8
+    assert ver.max_forced_diff <= 1e-5 and ver.top1_agree is not None
+
+
+def test_float_one_lsb_off_boundary_refused(small_float, images):
+    m, model = small_float
+    with pytest.raises(OmpqError, match=r"first diverging layer conv1 .*not rounding-boundary"):
+        verify_qonnx(_nudge(model, images, 3, to_boundary=False), m, images)
+
+
+def test_float_tampered_weights_and_scale_refused(small_float, images):
+    m, model = small_float
+    tampered = onnx.ModelProto.FromString(model.SerializeToString())
+    g = V.Graph(tampered)
+    wq = next(n for n in tampered.graph.node if V.node_meta(n).get("role") == "weight"
+              and V.node_meta(n).get("layer") == "conv2")
+    init = g.inits[wq.input[0]]
+    w = onnx.numpy_helper.to_array(init).copy()
+    w[0] += 0.5
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    with pytest.raises(OmpqError, match=r"first diverging layer conv2"):
+        verify_qonnx(tampered, m, images)
+    tampered = onnx.ModelProto.FromString(model.SerializeToString())
+    g = V.Graph(tampered)
+    aq = next(n for n in tampered.graph.node if V.node_meta(n).get("role") == "act"
+              and V.node_meta(n).get("feeds") == "linear")
+    init = g.inits[aq.input[1]]
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 1.01,
+                                               init.name))
+    with pytest.raises(OmpqError, match=r"first diverging layer conv2"):
+        verify_qonnx(tampered, m, images)
+    bits = small_bitconfig()
+    bits.layers[1] = dataclasses.replace(bits.layers[1], weight_bits=5)
+    with pytest.raises(OmpqError, match=r"layer conv2: .*3-bit weights.*says 5"):
+        verify_qonnx(model, m, images, bits)
+
+
+def test_power_of_two_still_bit_exact(small, images, tmp_path):
+    export_qonnx(small, tmp_path / "m.onnx", images, small_bitconfig())
+    model = _nudge(onnx.load(str(tmp_path / "m.onnx")), images, 3, True, feeds="linear")
+    with pytest.raises(OmpqError, match=r"required bit-exact"):
+        verify_qonnx(model, small, images, small_bitconfig())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
+def test_resnet20_generic_profile_float_scales(data_dir, tmp_path, fmt):
+    """The README flow: searched mixed bits, generic profile (float scales), bias correction;
+    exports verify despite a rounding-boundary flip (image 6, after layer1.0.conv1)."""
+    from ompq_plugin.hw_profiles import load_profile
+
+    from ompq_plugin import Budgets, build_model, calibrate, quantize, search
+    from ompq_plugin.data import search_samples
+
+    model, spec = build_model("resnet20", data_dir=data_dir)
+    samples = search_samples(data_dir, spec, 64)
+    bits = search(model, samples, "generic", Budgets(weight_memory_bits=4 * 268_336),
+                  act_bits=[8])
+    q = quantize(model, bits, load_profile("generic"))
+    calibrate(q, samples, bias_correction=True)
+    export = export_qonnx if fmt == "qonnx" else export_qcdq
+    report = export(q, tmp_path / "r20.onnx", samples[:8], bits)
+    assert report.verified and not report.exact
+    assert report.boundary_flips == 1 and report.forced_images == 8
+    assert report.max_forced_diff <= 1e-5 and report.top1_agree == 8
+    assert "rounding-boundary flip" in report.summary()
+    assert report.bits == {lb.name: (lb.weight_bits, lb.act_bits) for lb in bits.layers} | {
+        n: wa for n, wa in report.bits.items() if n not in bits.by_name()}

@@ -282,10 +282,11 @@ def parse_pin(text: str) -> tuple[str, Pin]:
 def library_versions() -> dict[str, str]:
     import mip
 
+    # plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses
     return {
         "ompq_plugin": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "mip": getattr(mip, "__version__", "unknown"),
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "mip": str(getattr(mip, "__version__", "unknown")),
     }

@@ -42,21 +42,26 @@ def run_case(model_name: str, n: int, threads: int) -> dict:
     with torch.no_grad():
         model(x)  # warm-up
         forward = []
-        for _ in range(2):
+        for _ in range(3):
             start = time.perf_counter()
             model(x)
             forward.append(time.perf_counter() - start)
-    run_search(model, x, "generic")  # warm-up (fx trace, CBC start)
-    start = time.perf_counter()
-    result = run_search(model, x, "generic", model_name=model_name)
-    total = time.perf_counter() - start
+    run_search(model, x, "generic")  # warm-up (fx trace, first allocations)
+    best = None
+    for _ in range(3):  # best of 3, like the forward pass: the machine is shared
+        start = time.perf_counter()
+        result = run_search(model, x, "generic", model_name=model_name)
+        total_run = time.perf_counter() - start
+        if best is None or total_run < best[0]:
+            best = (total_run, result)
+    total, result = best
     t = result.config.timings
     return {
         "model": model_name,
         "pretrained": spec.pretrained,
         "input": list(x.shape),
         "layers": len(result.config.layers),
-        "float_forward_s": min(forward),
+        "float_forward_s": min(forward),  # best of 3 (search: best of 3 too)
         "search_total_s": total,
         "features_s": t["features_s"],
         "orm_s": t["orm_s"],

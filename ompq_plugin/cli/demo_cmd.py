@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     bits.save(out / "bits.json")
 
     t = step("quantize (Brevitas, integer-only) and PTQ on 256 training images"
-             + ("" if args.no_gptq else " with GPTQ (about a minute)"))
+             + ("" if args.no_gptq else " with GPTQ"))
     calib = normalise(train.images[choose_samples(train, 256, seed=0)], spec.mean, spec.std)
     qmodel = quantize(model, bits, profile)
     calibrate(qmodel, calib, bias_correction=True, gptq=not args.no_gptq)

@@ -99,7 +99,10 @@ def apply_gptq(qmodel: nn.Module, batches: list[torch.Tensor], act_order: bool =
     saved = _frozen_params(qmodel)
     qmodel.eval()
     with torch.no_grad():
-        with gptq_mode(qmodel, act_order=act_order, use_quant_activations=True) as g:
+        # create_weight_orig=False: no float copy of every weight left behind, which would also
+        # change the state_dict layout and stop the saved file from reloading
+        with gptq_mode(qmodel, act_order=act_order, use_quant_activations=True,
+                       create_weight_orig=False) as g:
             model = g.model
             for _ in range(g.num_layers):
                 for x in batches:

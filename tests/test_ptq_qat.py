@@ -85,13 +85,14 @@ def test_bias_correction_changes_biases() -> None:
     assert any(not torch.equal(before[n], m.bias) for n, m in quant_layers(q).items())
 
 
-def test_quantized_file_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ptq", [{}, {"gptq": True, "bias_correction": True}])
+def test_quantized_file_round_trip(tmp_path: Path, ptq: dict) -> None:
     model = resnet20().eval()
     x = torch.randn(4, 3, 32, 32)
     bits = uniform_bitconfig(model, x, 5, 7, "resnet20")
     profile = load_profile("hls4ml")
     q = quantize(model, bits, profile)
-    calibrate(q, x)
+    calibrate(q, x, **ptq)  # GPTQ must not leave extra state that stops the file reloading
     path = tmp_path / "q.pt"
     save_quantized(path, q, "resnet20", bits, profile, {"calib": 4})
     loaded = load_quantized(path)

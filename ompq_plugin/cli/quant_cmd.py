@@ -29,10 +29,12 @@ def add_parser(sub: Any) -> None:
     t.add_argument("qmodel", help="file written by `ompq quantize`")
     t.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
     t.add_argument("--epochs", type=int, required=True)
-    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--lr", type=float, default=0.002,
+                   help="fine-tuning rate (default %(default)s: bench/accuracy.py measured it)")
     t.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
-    t.add_argument("--train-variant", choices=("jpeg", "exact"), default="jpeg",
-                   help="training images: 50,000 JPEG (default) or 5,085 exact-pixel")
+    t.add_argument("--train-variant", choices=("jpeg", "exact"), default="exact",
+                   help="training images: 5,085 exact-pixel (default) or 50,000 JPEG "
+                   "round-tripped (more images, but they pull the model towards JPEG pixels)")
     t.add_argument("--train-subset", type=int, help="use only the first N training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")

@@ -119,6 +119,13 @@ def _tapped(gm: torch.fx.GraphModule, acc: _GramAccumulator) -> torch.fx.GraphMo
     root = nn.Module()
     for name, child in gm.named_children():
         root.add_module(name, child)
+    for node in graph.nodes:  # tensors the forward reads straight off the top-level module
+        if node.op == "get_attr" and "." not in str(node.target):
+            value = getattr(gm, str(node.target))
+            if isinstance(value, nn.Parameter):
+                root.register_parameter(str(node.target), value)
+            else:
+                setattr(root, str(node.target), value)
     for i, node in enumerate(list(graph.nodes)):
         if node.name in acc.by_point:
             tap_name = f"_ompq_tap_{i}"

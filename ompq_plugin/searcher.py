@@ -107,6 +107,7 @@ def run_search(
         raise OmpqError("the search samples contain NaN/Inf; check the data and normalisation")
     hw = load_profile(profile) if isinstance(profile, str) else profile
     limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
+    narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
     found = discover_layers(model, samples[:1])
     if not allow_unsupported:
@@ -122,7 +123,6 @@ def run_search(
     orm_s = grams.gram_s + time.perf_counter() - start
 
     coeff = _coefficients(len(found.layers), scored, theta_sub)
-    narrow = _narrowing(hw, weight_bits, act_bits)
     problem = AllocationProblem(
         layers=tuple(
             _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
@@ -216,7 +216,7 @@ def _allocation_layer(
 ) -> AllocationLayer:
     choices = hw.bits_for(layer.kind)
     weights, acts = choices.weight, choices.activation
-    if narrow is not None:
+    if narrow is not None:  # a kind that runs none of the narrowed widths keeps its own
         keep_w, keep_a = narrow
         weights = tuple(b for b in weights if keep_w is None or b in keep_w) or weights
         acts = tuple(b for b in acts if keep_a is None or b in keep_a) or acts

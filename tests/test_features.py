@@ -66,3 +66,25 @@ def test_all_zero_feature_names_the_layer():
     x = torch.randn(4, 3, 4, 4)
     with pytest.raises(OmpqError, match="layer 0 produced all-zero"):
         collect_grams(model, discover_layers(model, x[:1]), x)
+
+
+def test_models_reading_their_own_top_level_tensors_stream_too():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.gain = nn.Parameter(torch.tensor(3.0))
+            self.register_buffer("offset", torch.ones(1, 2, 1, 1))
+
+        def forward(self, x):
+            return F.relu(self.conv(x) * self.gain + self.offset)
+
+    model = Scaled().eval()
+    x = torch.randn(4, 3, 4, 4)
+    found = discover_layers(model, x[:1])
+    assert found.traced
+    assert found.layers[0].feature_node == "conv"  # the walk stops at the multiplication
+    (g,) = collect_grams(model, found, x).grams
+    with torch.no_grad():
+        f = model.conv(x).reshape(4, -1).double()
+    torch.testing.assert_close(g, f @ f.T)

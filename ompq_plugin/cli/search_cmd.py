@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
     profile = load_profile(args.profile)
     data_dir = resolve_data_dir(args.data)
     model, spec = build_model(args.model, args.weights, data_dir)
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         orm_form=args.orm_form,
         importance_fn=args.importance,
-        pins=dict(parse_pin(text) for text in args.pin),
+        pins=pins,
         pin_first_last=not args.no_pin_first_last,
         model_name=spec.name,
         seed=args.seed,

@@ -24,7 +24,9 @@ refused up front with the fix (quantize with the hls4ml profile).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import os
 import tempfile
@@ -221,8 +223,10 @@ def check_hls4ml(
     ref = run_qonnx(cl, xcl)
     for_hls = copy.deepcopy(cl)
     precisions = fix_global_pools(for_hls)
-    config = hls4ml.utils.config.config_from_onnx_model(
-        for_hls, granularity="name", backend="Vitis", default_precision=DEFAULT_PRECISION)
+    log = io.StringIO()  # hls4ml prints its whole topology: keep it off the user's stdout
+    with contextlib.redirect_stdout(log):
+        config = hls4ml.utils.config.config_from_onnx_model(
+            for_hls, granularity="name", backend="Vitis", default_precision=DEFAULT_PRECISION)
     for name, prec in precisions.items():
         config["LayerName"].setdefault(name, {})["Precision"] = dict(prec)
     t1 = time.perf_counter()
@@ -234,13 +238,21 @@ def check_hls4ml(
         if trace_on_mismatch:
             for layer_cfg in config["LayerName"].values():
                 layer_cfg["Trace"] = True
-        hm = hls4ml.converters.convert_from_onnx_model(
-            for_hls, output_dir=str(Path(output_dir) / "hls4ml_prj"), io_type="io_stream",
-            backend="Vitis", hls_config=config)
-        t2 = time.perf_counter()
-        hm.compile()
-        t3 = time.perf_counter()
-        got = np.asarray(hm.predict(xcl)).reshape(ref.shape)
+        try:
+            with contextlib.redirect_stdout(log):
+                hm = hls4ml.converters.convert_from_onnx_model(
+                    for_hls, output_dir=str(Path(output_dir) / "hls4ml_prj"),
+                    io_type="io_stream", backend="Vitis", hls_config=config)
+                t2 = time.perf_counter()
+                hm.compile()
+                t3 = time.perf_counter()
+                got = np.asarray(hm.predict(xcl)).reshape(ref.shape)
+        except Exception as exc:  # noqa: BLE001 - hls4ml/g++ failures become one line
+            tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
+            raise OmpqError(
+                f"hls4ml could not convert/compile the graph ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); hls4ml said: {tail or 'nothing'}"
+            ) from None
         diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
         first = None
         if diff != 0.0 and trace_on_mismatch:

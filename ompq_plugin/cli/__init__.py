@@ -28,6 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Brevitas announces optional kernels and its own deprecations on import; not the user's issue.
     warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
     warnings.filterwarnings("ignore", message=".*brevitas.fx is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*GemmToMatMul transformation only offers.*")
+    try:  # qonnx runs single nodes as opset-1 models; onnxruntime warns about each one
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except ImportError:
+        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

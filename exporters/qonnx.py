@@ -163,17 +163,10 @@ def expected_bits(qmodel: nn.Module, bits: BitConfig | None) -> dict[str, V.Expe
 
 def forward_order(qmodel: nn.Module, image: torch.Tensor) -> list[str]:
     """Quantized layers in the order the forward pass calls them."""
-    import torch
-
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda *_a, n=n: order.append(n))
-               for n, m in quant_layers(qmodel).items()]
-    try:
-        with torch.no_grad():
-            qmodel(image)
-    finally:
-        for h in handles:
-            h.remove()
+    V.forward_with_hooks(qmodel, image, [
+        (m, lambda *_a, n=n: order.append(n)) for n, m in quant_layers(qmodel).items()
+    ])
     return order
 
 

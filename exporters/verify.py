@@ -378,25 +378,30 @@ def torch_outputs(qmodel: Any, images: Any) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def torch_layer_outputs(qmodel: Any, image: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Output of each named torch layer for one image (forward hooks)."""
+def forward_with_hooks(qmodel: Any, image: Any, hooks: Iterable[tuple[Any, Any]]) -> None:
+    """One no-grad forward pass of ``image`` with ``(module, forward_hook)`` pairs attached."""
     import torch
 
-    captured: dict[str, np.ndarray] = {}
-    handles = []
-    for name in names:
-        module = qmodel.get_submodule(name)
-
-        def hook(_m: Any, _i: Any, out: Any, name: str = name) -> None:
-            captured[name] = getattr(out, "value", out).detach().cpu().numpy()
-
-        handles.append(module.register_forward_hook(hook))
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with torch.no_grad():
             qmodel(image)
     finally:
         for h in handles:
             h.remove()
+
+
+def torch_layer_outputs(qmodel: Any, image: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Output of each named torch layer for one image (forward hooks)."""
+    captured: dict[str, np.ndarray] = {}
+
+    def capture(name: str) -> Any:
+        def hook(_m: Any, _i: Any, out: Any) -> None:
+            captured[name] = getattr(out, "value", out).detach().cpu().numpy()
+
+        return hook
+
+    forward_with_hooks(qmodel, image, [(qmodel.get_submodule(n), capture(n)) for n in names])
     return captured
 
 
@@ -457,28 +462,23 @@ class FlipCheck:
 
 def torch_act_calls(qmodel: Any, image: Any) -> list[ActCall]:
     """Every enabled Brevitas activation quantizer call for one image, in call order."""
-    import torch
     from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 
     calls: list[ActCall] = []
-    handles = []
-    for name, module in qmodel.named_modules():
-        if isinstance(module, ActQuantProxyFromInjectorBase) and module.is_quant_enabled:
 
-            def hook(_m: Any, _i: Any, out: Any, name: str = name) -> None:
-                scale = getattr(out, "scale", None)
-                if scale is None:
-                    return
+    def record(name: str) -> Any:
+        def hook(_m: Any, _i: Any, out: Any) -> None:
+            scale = getattr(out, "scale", None)
+            if scale is not None:
                 calls.append(ActCall(name, out.value.detach().cpu().numpy(),
                                      scale.detach().cpu().numpy()))
 
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            qmodel(image)
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    forward_with_hooks(qmodel, image, [
+        (module, record(name)) for name, module in qmodel.named_modules()
+        if isinstance(module, ActQuantProxyFromInjectorBase) and module.is_quant_enabled
+    ])
     return calls
 
 

@@ -1014,26 +1014,35 @@ def solve(
                     f"the DP needed more than {_MAX_STATES} states per step; use solver='auto'"
                 ) from None
         else:
-            weight_bits = {lay.name: w for lay, (w, _) in zip(layers, chosen, strict=True)}
-            act_bits = {lay.name: a for lay, (_, a) in zip(layers, chosen, strict=True)}
-            used = usage(problem, weight_bits, act_bits)
-            if _violations(problem, used):  # cannot happen: the DP is exact in integers
+            allocation, broken = _checked_allocation(problem, chosen, start, "dp")
+            if broken:  # cannot happen: the DP is exact in integers
                 raise OmpqError(
                     "internal error: the DP returned a configuration over budget; "
                     "please report this with the model and budgets"
                 )
-            return Allocation(
-                weight_bits=weight_bits,
-                act_bits=act_bits,
-                objective=objective_value(problem, weight_bits, act_bits),
-                weight_memory_bits=used[0],
-                bops=used[1],
-                max_act_buffer_bits=used[2],
-                solve_s=time.perf_counter() - start,
-                status="optimal",
-                solver="dp",
-            )
+            return allocation
     return _solve_cbc(problem, prep, start, time_limit_s)
+
+
+def _checked_allocation(
+    problem: AllocationProblem, chosen: list[tuple[int, int]], start: float, solver: str
+) -> tuple[Allocation, list[int]]:
+    """The Allocation of one (w, a) per layer, with the budgets it breaks (exact integers)."""
+    weight_bits = {lay.name: w for lay, (w, _) in zip(problem.layers, chosen, strict=True)}
+    act_bits = {lay.name: a for lay, (_, a) in zip(problem.layers, chosen, strict=True)}
+    used = usage(problem, weight_bits, act_bits)
+    allocation = Allocation(
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        objective=objective_value(problem, weight_bits, act_bits),
+        weight_memory_bits=used[0],
+        bops=used[1],
+        max_act_buffer_bits=used[2],
+        solve_s=time.perf_counter() - start,
+        status="optimal",
+        solver=solver,
+    )
+    return allocation, _violations(problem, used)
 
 
 def _solve_cbc(
@@ -1071,23 +1080,11 @@ def _solve_cbc(
                 "please report this with the model and budgets"
             )
         chosen = _read(built)
-        weight_bits = {lay.name: w for lay, (w, _) in zip(layers, chosen, strict=True)}
-        act_bits = {lay.name: a for lay, (_, a) in zip(layers, chosen, strict=True)}
-        used = usage(problem, weight_bits, act_bits)
-        broken = _violations(problem, used)
+        allocation, broken = _checked_allocation(problem, chosen, start, "cbc")
         if not broken:
-            return Allocation(
-                weight_bits=weight_bits,
-                act_bits=act_bits,
-                objective=objective_value(problem, weight_bits, act_bits),
-                weight_memory_bits=used[0],
-                bops=used[1],
-                max_act_buffer_bits=used[2],
-                solve_s=time.perf_counter() - start,
-                status="optimal",
-                solver="cbc",
-            )
+            return allocation
         cuts.append(chosen)
+        used = (allocation.weight_memory_bits, allocation.bops, allocation.max_act_buffer_bits)
         for k in broken:  # tighten by twice the excess, growing on repeats
             excess = used[k] - limits[k]
             effective[k] = min(effective[k], limits[k] - excess * 2 ** (attempt + 1))

@@ -40,15 +40,15 @@ if TYPE_CHECKING:
 MAX_QCDQ_BITS = 8
 
 
-def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
-    """Run the graph in onnxruntime one image at a time; ``full``: every tensor of image 0."""
+def _session(model: onnx.ModelProto, every_tensor: bool, failure_hint: str = "") -> Any:
+    """An onnxruntime session on one CPU thread; ``every_tensor`` exposes every node output."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if full:
+    if every_tensor:
         model = onnx.ModelProto.FromString(model.SerializeToString())
         have = {o.name for o in model.graph.output}
         for node in model.graph.node:
@@ -59,11 +59,17 @@ def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = Fal
         # ORT checks that every graph output has a type; let it infer them
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts,
+        return ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]}); "
-                        "export a model with at most 8-bit weights and activations") from None
+        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]})"
+                        f"{failure_hint}") from None
+
+
+def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
+    """Run the graph in onnxruntime one image at a time; ``full``: every tensor of image 0."""
+    sess = _session(model, full,
+                    "; export a model with at most 8-bit weights and activations")
     iname = sess.get_inputs()[0].name
     if full:
         names = [o.name for o in sess.get_outputs()]
@@ -75,28 +81,10 @@ def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = Fal
 
 def run_onnxruntime_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     """Every tensor of one onnxruntime run with the given graph inputs."""
-    import onnxruntime as ort
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    have = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in have:
-                model.graph.output.append(onnx.ValueInfoProto(name=out))
-                have.add(out)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]})") from None
+    sess = _session(model, every_tensor=True)
     names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, {k: v for k, v in feeds.items()
-                              if k in {i.name for i in sess.get_inputs()}})
+    inputs = {i.name for i in sess.get_inputs()}
+    values = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
     return {**feeds, **dict(zip(names, values, strict=True))}
 
 

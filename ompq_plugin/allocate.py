@@ -8,6 +8,9 @@ The problem (an exact 0-1 integer program, not an LP plus rounding):
 * the layers of an activation group (layers reading the same quantized tensor) share ``a``;
 * objective: maximise ``sum_i c_i * w_i + sum_g d_g * a_g`` with ``c`` from
   :func:`eq10_coefficients` and ``d_g`` (default) the sum of ``c_i`` over the group's layers;
+  or, per option, ``sum_i v_i(w_i) + sum_g u_g(a_g)`` with any finite values (``weight_value``,
+  ``act_value``; e.g. minus a predicted error, increasing in the bits but not linearly). Nothing
+  below assumes the objective is linear or monotone in the bits;
 * budgets: ``sum params_i * w_i <= M`` (weight memory), ``sum macs_i * w_i * a_i <= B`` (BOPs);
   since the activation buffer is a maximum, act bits with ``input_numel * a > A`` are simply not
   offered. Infinite budgets add nothing.
@@ -33,8 +36,9 @@ Solver (:func:`solve`): an exact dynamic program over the act groups with Lagran
   lowered geometrically (never below the best configuration already found, which then closes the
   search) until that happens.
 * Exactness: memory and BOPs are integers and compared exactly. The objective is a float sum:
-  bounds are compared with a relative slack of ``1e-9`` (on the safe side: it keeps states), and
-  two configurations whose objectives agree to about ``1e-12`` relative (float rounding) are
+  bounds are compared with a slack of ``1e-9`` relative to the objective's scale (the sum over
+  steps of the largest option magnitude; on the safe side: it keeps states), and two
+  configurations whose objectives agree to about ``1e-12`` relative (float rounding) are
   treated as equal -- either may be returned.
 * If the states of one step exceed a limit (a hard instance), the same problem goes to CBC
   (python-mip), as before: one binary per (layer, pair) and per (group, act bits), the budget rows
@@ -99,6 +103,12 @@ class AllocationProblem:
     ``pins`` maps a layer name to ``(weight_bits, act_bits)``; ``None`` leaves that one free.
     ``act_coeff`` maps an act group to its objective coefficient; by default it is the sum of the
     ``weight_coeff`` of the group's layers (Eq. 10 extended to activation bits).
+
+    Per-option objective (any values, not necessarily linear or increasing in the bits):
+    ``weight_value[i][w]`` replaces ``weight_coeff[i] * w`` (``weight_coeff`` is then ignored but
+    must still have one entry per layer, e.g. zeros) and ``act_value[g][a]`` replaces
+    ``act_coeff[g] * a``. With ``weight_value`` given and ``act_value`` None, every act option
+    contributes 0. Every allowed width (after pins) needs a finite value.
     """
 
     layers: tuple[AllocationLayer, ...]
@@ -106,6 +116,11 @@ class AllocationProblem:
     budgets: Budgets = field(default_factory=Budgets)
     pins: Mapping[str, Pin] = field(default_factory=dict)
     act_coeff: Mapping[str, float] | None = None
+    # Per-option objective (maximised). When given, the objective contribution of layer i at
+    # weight width w is weight_value[i][w] (replaces weight_coeff[i] * w) ...
+    weight_value: tuple[Mapping[int, float], ...] | None = None
+    # ... and of act group g at act width a is act_value[g][a] (replaces act_coeff[g] * a).
+    act_value: Mapping[str, Mapping[int, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,17 +181,48 @@ def usage(
 def objective_value(
     problem: AllocationProblem, weight_bits: Mapping[str, int], act_bits: Mapping[str, int]
 ) -> float:
-    """The Eq. 10 objective of a configuration (what :func:`solve` maximises)."""
-    act_coeff = _act_coefficients(problem)
+    """The objective of a configuration (what :func:`solve` maximises): Eq. 10 or per option."""
     seen: dict[str, int] = {}
     for lay in problem.layers:
         seen.setdefault(lay.act_group, act_bits[lay.name])
     terms = [
-        c * weight_bits[lay.name]
-        for c, lay in zip(problem.weight_coeff, problem.layers, strict=True)
+        _weight_value(problem, i, weight_bits[lay.name]) for i, lay in enumerate(problem.layers)
     ]
-    terms += [act_coeff[g] * a for g, a in seen.items()]
+    act_coeff = _act_coefficients(problem) if problem.act_value is None else {}
+    terms += [_act_value(problem, act_coeff, g, a) for g, a in seen.items()]
     return math.fsum(terms)
+
+
+def _weight_value(problem: AllocationProblem, i: int, w: int) -> float:
+    """Objective contribution of layer ``i`` at ``w`` weight bits."""
+    if problem.weight_value is None:
+        return float(problem.weight_coeff[i]) * w
+    try:
+        value = float(problem.weight_value[i][w])
+    except (KeyError, IndexError, TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise OmpqError(
+            f"layer {problem.layers[i].name}: weight_value has no finite value for {w} weight "
+            "bits; give one finite value per allowed weight width"
+        )
+    return value
+
+
+def _act_value(problem: AllocationProblem, act_coeff: Mapping[str, float], g: str, a: int) -> float:
+    """Objective contribution of act group ``g`` at ``a`` bits (``act_coeff`` when linear)."""
+    if problem.act_value is None:
+        return 0.0 if problem.weight_value is not None else act_coeff[g] * a
+    try:
+        value = float(problem.act_value[g][a])
+    except (KeyError, TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise OmpqError(
+            f"act group {g!r}: act_value has no finite value for {a} act bits; give one finite "
+            "value per allowed act width"
+        )
+    return value
 
 
 def _violations(problem: AllocationProblem, used: tuple[int, int, int]) -> list[int]:
@@ -200,7 +246,8 @@ class _Prepared:
     weight_allowed: list[tuple[int, ...]]  # per layer, pins applied
     act_allowed: dict[str, tuple[int, ...]]  # per group: intersection, pins applied, and
     # only act bits every member can pair with some allowed weight bits
-    act_coeff: dict[str, float]
+    wval: list[dict[int, float]]  # per layer: objective contribution of each allowed w
+    aval: dict[str, dict[int, float]]  # per group: objective contribution of each allowed a
     excluded: list[frozenset[tuple[int, int]]]  # per layer
 
     def weights_for(self, i: int, a: int) -> tuple[int, ...]:
@@ -241,6 +288,18 @@ def _prepare(problem: AllocationProblem) -> _Prepared:
         )
     if not all(math.isfinite(c) for c in problem.weight_coeff):
         raise OmpqError("objective coefficients contain NaN or Inf; check the importances")
+    if problem.weight_value is not None and len(problem.weight_value) != len(layers):
+        raise OmpqError(
+            f"weight_value has {len(problem.weight_value)} entries for {len(layers)} layers; "
+            "give one mapping (weight bits -> value) per layer"
+        )
+    if problem.act_value is not None:
+        known = {lay.act_group for lay in layers}
+        unknown = sorted(set(problem.act_value) - known)
+        if unknown:
+            raise OmpqError(
+                f"act_value names unknown act groups {unknown}; use the layers' act_group"
+            )
     names = [lay.name for lay in layers]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -248,7 +307,7 @@ def _prepare(problem: AllocationProblem) -> _Prepared:
     unknown = sorted(set(problem.pins) - set(names))
     if unknown:
         raise OmpqError(f"pinned layers {unknown} are not in the model; check the --pin names")
-    act_coeff = _act_coefficients(problem)
+    act_coeff = _act_coefficients(problem) if problem.act_value is None else {}
 
     groups: dict[str, list[int]] = {}
     weight_allowed: list[tuple[int, ...]] = []
@@ -321,7 +380,12 @@ def _prepare(problem: AllocationProblem) -> _Prepared:
                 "excluded (weight, act) pairs; change the pins or the profile's excluded_pairs"
             )
         act_allowed[g] = tuple(usable)
-    return _Prepared(groups, weight_allowed, act_allowed, act_coeff, excluded)
+    wval = [{w: _weight_value(problem, i, w) for w in ws} for i, ws in enumerate(weight_allowed)]
+    aval = {
+        g: {a: _act_value(problem, act_coeff, g, a) for a in acts}
+        for g, acts in act_allowed.items()
+    }
+    return _Prepared(groups, weight_allowed, act_allowed, wval, aval, excluded)
 
 
 # --- infeasibility ---------------------------------------------------------------------------
@@ -449,25 +513,28 @@ def _build(
     # act choices per group after the buffer budget (a max over layers: a per-layer filter)
     act_ok = _act_ok(problem, prep, limits[2])
 
+    scale = _objective_scale(problem, prep)
     pairs: list[list[tuple[int, int]]] = []
     z: list[list[mip.Var]] = []
     for i, lay in enumerate(layers):
-        c = float(problem.weight_coeff[i])
         # a group of one layer needs no y[g, a] (it would equal sum_w z[i, w, a]): its act term
-        # d_g * a goes straight onto z
-        d = prep.act_coeff[lay.act_group] if len(prep.groups[lay.act_group]) == 1 else 0.0
+        # goes straight onto z
+        single = len(prep.groups[lay.act_group]) == 1
+        wv, av = prep.wval[i], prep.aval[lay.act_group]
         lay_pairs = [(w, a) for a in act_ok[lay.act_group] for w in prep.weights_for(i, a)]
         lay_pairs.sort()
-        if d:
-            lay_pairs = _undominated(lay_pairs, c, d, lay, finite_bops=math.isfinite(limits[1]))
+        obj = [wv[w] + (av[a] if single else 0.0) for w, a in lay_pairs]
+        if single:
+            lay_pairs = _undominated(lay_pairs, obj, lay, finite_bops=math.isfinite(limits[1]))
+            obj = [wv[w] + av[a] for w, a in lay_pairs]
         pairs.append(lay_pairs)
-        z.append([m.add_var(var_type=mip.BINARY, obj=c * w + d * a) for w, a in lay_pairs])
+        z.append([m.add_var(var_type=mip.BINARY, obj=o / scale) for o in obj])
         m.add_constr(mip.xsum(z[i]) == 1)
 
     for g, members in prep.groups.items():
         if len(members) == 1:
             continue
-        y = {a: m.add_var(var_type=mip.BINARY, obj=prep.act_coeff[g] * a) for a in act_ok[g]}
+        y = {a: m.add_var(var_type=mip.BINARY, obj=prep.aval[g][a] / scale) for a in act_ok[g]}
         m.add_constr(mip.xsum(y.values()) == 1)
         for i in members:
             for a, y_a in y.items():
@@ -491,20 +558,33 @@ def _build(
     return _Model(m, pairs, z)
 
 
+def _objective_scale(problem: AllocationProblem, prep: _Prepared) -> float:
+    """Divisor of per-option objective values for CBC: their mean largest magnitude becomes 10.
+
+    CBC's absolute tolerances suit Eq. 10's magnitudes (options of about 1-16) but lose tiny
+    per-option values (e.g. errors of 1e-5); Eq. 10 problems are left as they are.
+    """
+    if problem.weight_value is None and problem.act_value is None:
+        return 1.0
+    tops = [max(map(abs, v.values())) for v in [*prep.wval, *prep.aval.values()]]
+    return (sum(tops) / len(tops) / 10.0) or 1.0
+
+
 def _undominated(
-    pairs: list[tuple[int, int]], c: float, d: float, lay: AllocationLayer, finite_bops: bool
+    pairs: list[tuple[int, int]], obj: list[float], lay: AllocationLayer, finite_bops: bool
 ) -> list[tuple[int, int]]:
     """Drop (w, a) pairs of a one-layer act group that another pair dominates.
 
     Once the buffer budget has filtered the act choices, a pair only matters through its
-    objective ``c*w + d*a``, memory ``params*w`` and BOPs ``macs*w*a``. A pair no better in the
-    objective and no cheaper in either resource than another can be dropped without losing every
-    optimum (exact ties keep the first pair). With the default ``d = c`` this removes e.g. (8, 2)
-    in favour of (2, 8): same objective and BOPs, less memory -- a symmetry that otherwise leaves
-    CBC with a flat tree it cannot close.
+    objective ``obj`` (e.g. ``c*w + d*a``), memory ``params*w`` and BOPs ``macs*w*a``. A pair no
+    better in the objective and no cheaper in either resource than another can be dropped without
+    losing every optimum (exact ties keep the first pair). With the default ``d = c`` this
+    removes e.g. (8, 2) in favour of (2, 8): same objective and BOPs, less memory -- a symmetry
+    that otherwise leaves CBC with a flat tree it cannot close.
     """
     keys = [
-        (c * w + d * a, lay.params * w, lay.macs * w * a if finite_bops else 0) for w, a in pairs
+        (o, lay.params * w, lay.macs * w * a if finite_bops else 0)
+        for o, (w, a) in zip(obj, pairs, strict=True)
     ]
     keep = []
     for k, (obj, mem, bops) in enumerate(keys):
@@ -569,13 +649,14 @@ def _steps(
     a_max = max((max(acts) for acts in act_ok.values() if acts), default=1)
     steps: list[_Step] = []
     for g, members in prep.groups.items():
-        d = prep.act_coeff[g]
+        av = prep.aval[g]
         if len(members) == 1:
             i = members[0]
             lay = layers[i]
-            c = float(problem.weight_coeff[i])
+            wv = prep.wval[i]
             pairs = sorted((w, a) for a in act_ok[g] for w in prep.weights_for(i, a))
-            pairs = _undominated(pairs, c, d, lay, finite_bops=bops_on)
+            obj = [wv[w] + av[a] for w, a in pairs]
+            pairs = _undominated(pairs, obj, lay, finite_bops=bops_on)
             steps.append(
                 _Step(
                     "pair",
@@ -583,7 +664,7 @@ def _steps(
                     i,
                     np.array([w for w, _ in pairs], dtype=np.int64),
                     np.array([a for _, a in pairs], dtype=np.int64),
-                    np.array([c * w + d * a for w, a in pairs]),
+                    np.array([wv[w] + av[a] for w, a in pairs]),
                     np.array([lay.params * w * mem_on for w, _ in pairs], dtype=np.int64),
                     np.array([lay.macs * w * a * bops_on for w, a in pairs], dtype=np.int64),
                     None,
@@ -600,7 +681,7 @@ def _steps(
                 -1,
                 zeros,
                 np.array(acts, dtype=np.int64),
-                np.array([d * a for a in acts]),
+                np.array([av[a] for a in acts]),
                 zeros,
                 zeros,
                 None,
@@ -609,7 +690,6 @@ def _steps(
         )
         for n, i in enumerate(members):
             lay = layers[i]
-            c = float(problem.weight_coeff[i])
             ws = prep.weight_allowed[i]
             ok = np.zeros((len(ws), a_max + 1), dtype=bool)
             for k, w in enumerate(ws):
@@ -622,7 +702,7 @@ def _steps(
                     i,
                     np.array(ws, dtype=np.int64),
                     np.zeros(len(ws), dtype=np.int64),
-                    np.array([c * w for w in ws]),
+                    np.array([prep.wval[i][w] for w in ws]),
                     np.array([lay.params * w * mem_on for w in ws], dtype=np.int64),
                     np.array([lay.macs * w * bops_on for w in ws], dtype=np.int64),
                     ok,
@@ -960,8 +1040,10 @@ def _solve_dp(
         s.root + x[0] * caps[0] + x[1] * caps[1] for s, x in zip(suffixes, lams, strict=True)
     )
     floor = sum(float(st.value.min()) for st in steps) - 1.0  # below every objective
-    slack = _BOUND_SLACK * (1.0 + abs(root))
-    gap = 1e-6 * (1.0 + abs(root))
+    # tolerances on the objective's own scale (per-option values may be tiny, e.g. errors)
+    scale = sum(float(np.abs(st.value).max(initial=0.0)) for st in steps) or 1.0
+    slack = _BOUND_SLACK * scale
+    gap = 1e-6 * scale
     best: _Found | None = None
     while True:
         target = root - gap

@@ -114,7 +114,7 @@ def run_search(
         found.require_supported()
     pin_map = _pins(found, hw, pins or {}, pin_first_last)
 
-    grams = collect_grams(model, found, samples)
+    grams = collect_grams(model, found, samples, centred=orm_form == "centred")
     start = time.perf_counter()
     k = orm_matrix(grams.grams, orm_form)
     scored = _scored_indices(found, pin_first_last)
@@ -280,7 +280,7 @@ def parse_pin(text: str) -> tuple[str, Pin]:
 
 
 def library_versions() -> dict[str, str]:
-    import mip
+    from importlib.metadata import version
 
     # plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses
     return {
@@ -288,5 +288,5 @@ def library_versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "numpy": str(np.__version__),
-        "mip": str(getattr(mip, "__version__", "unknown")),
+        "highspy": version("highspy"),
     }

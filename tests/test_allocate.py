@@ -185,16 +185,16 @@ def test_eq10_rejects_bad_theta() -> None:
 # --- brute force -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["dp", "cbc"])
+@pytest.mark.parametrize("solver", ["dp", "highs"])
 @pytest.mark.parametrize("seed", range(30))
 def test_matches_brute_force(seed: int, solver: str) -> None:
     check_against_brute_force(random_problem(random.Random(seed)), solver)
 
 
-@pytest.mark.parametrize("solver", ["dp", "cbc"])
+@pytest.mark.parametrize("solver", ["dp", "highs"])
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_brute_force_at_resnet_scale(seed: int, solver: str) -> None:
-    # BOPs ~1e11 and memory ~1e8 bits: CBC's tolerances act on scaled rows
+    # BOPs ~1e11 and memory ~1e8 bits: HiGHS's tolerances act on scaled rows
     check_against_brute_force(random_problem(random.Random(100 + seed), scale=20000), solver)
 
 
@@ -341,10 +341,10 @@ def test_excluded_pairs_are_respected() -> None:
     result = solve(AllocationProblem(layers, base.weight_coeff, INF))
     assert (result.weight_bits["a"], result.act_bits["a"]) != (8, 8)
     check_against_brute_force(AllocationProblem(layers, base.weight_coeff, INF))
-    check_against_brute_force(AllocationProblem(layers, base.weight_coeff, INF), "cbc")
+    check_against_brute_force(AllocationProblem(layers, base.weight_coeff, INF), "highs")
 
 
-@pytest.mark.parametrize("solver", ["dp", "cbc"])
+@pytest.mark.parametrize("solver", ["dp", "highs"])
 @pytest.mark.parametrize("seed", range(25))
 def test_excluded_pairs_match_brute_force(seed: int, solver: str) -> None:
     rng = random.Random(3000 + seed)
@@ -387,7 +387,7 @@ def test_jointly_infeasible_budgets_with_excluded_pairs() -> None:
     with pytest.raises(InfeasibleBudgetError, match="infeasible together"):
         solve(joint)
     with pytest.raises(InfeasibleBudgetError):
-        solve(joint, solver="cbc")
+        solve(joint, solver="highs")
 
 
 def test_fully_excluded_layer_is_an_error() -> None:
@@ -397,7 +397,7 @@ def test_fully_excluded_layer_is_an_error() -> None:
         solve(AllocationProblem(layers, base.weight_coeff, INF, base.pins))
 
 
-# --- the DP against CBC on medium instances, the CBC fallback -----------------------------------
+# --- the DP against HiGHS on medium instances, the HiGHS fallback ------------------------------
 
 
 def medium_problem(rng: random.Random) -> AllocationProblem:
@@ -434,23 +434,23 @@ def medium_problem(rng: random.Random) -> AllocationProblem:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_dp_matches_cbc_on_medium_instances(seed: int) -> None:
+def test_dp_matches_highs_on_medium_instances(seed: int) -> None:
     problem = medium_problem(random.Random(5000 + seed))
     dp = solve(problem, solver="dp")
-    cbc = solve(problem, time_limit_s=20, solver="cbc")
+    ref = solve(problem, time_limit_s=20, solver="highs")
     assert fits(problem, dp.weight_bits, dp.act_bits)
-    assert dp.objective == pytest.approx(cbc.objective, rel=1e-7)
-    assert dp.objective >= cbc.objective - 1e-9 * abs(cbc.objective)
+    assert dp.objective == pytest.approx(ref.objective, rel=1e-7)
+    assert dp.objective >= ref.objective - 1e-9 * abs(ref.objective)
     for lay in problem.layers:
         assert (dp.weight_bits[lay.name], dp.act_bits[lay.name]) not in lay.excluded_pairs
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_too_many_states_falls_back_to_cbc(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocate, "_MAX_STATES", 2)
+def test_too_many_states_falls_back_to_highs(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocate.dp, "_MAX_STATES", 2)
     problem = random_problem(random.Random(600 + seed))
     if brute_force(problem) is not None:
-        assert solve(problem).solver in ("dp", "cbc")  # tiny instances may stay under 2
+        assert solve(problem).solver in ("dp", "highs")  # tiny instances may stay under 2
     check_against_brute_force(problem)
     with pytest.raises(OmpqError, match="unknown solver"):
         solve(problem, solver="gurobi")

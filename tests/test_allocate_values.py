@@ -83,7 +83,7 @@ def check(problem: AllocationProblem, solver: str) -> None:
     assert result.objective == objective_value(problem, result.weight_bits, result.act_bits)
 
 
-@pytest.mark.parametrize("solver", ["dp", "cbc"])
+@pytest.mark.parametrize("solver", ["dp", "highs"])
 @pytest.mark.parametrize("shape", ["random", "error"])
 @pytest.mark.parametrize("seed", range(15))
 def test_per_option_values_match_brute_force(seed: int, shape: str, solver: str) -> None:
@@ -111,7 +111,7 @@ def test_per_option_values_at_and_just_below_each_budget(seed: int, which: int, 
     at = usage(constrained, best[1], best[2])[which]
     for limit in (at, at - 1):
         problem = replace(base, budgets=replace(INF, **{field: limit}))
-        for solver in ("dp", "cbc"):
+        for solver in ("dp", "highs"):
             check(problem, solver)
 
 

@@ -88,3 +88,39 @@ def test_models_reading_their_own_top_level_tensors_stream_too():
     with torch.no_grad():
         f = model.conv(x).reshape(4, -1).double()
     torch.testing.assert_close(g, f @ f.T)
+
+
+def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch):
+    torch.manual_seed(1)
+    y = torch.relu(torch.randn(7, 5, 6, 6)) + 3.0  # post-ReLU-like: a large shared mean
+    flat = y.reshape(7, -1).double()
+    flat = flat - flat.mean(dim=0)
+    monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 7 * 16)  # 16 columns per slice
+    g, all_zero = features.centred_gram(y)
+    assert g.dtype == torch.float64 and not all_zero
+    torch.testing.assert_close(g, flat @ flat.T, rtol=1e-5, atol=1e-5)
+    assert features.centred_gram(torch.zeros(3, 4))[1]
+    assert not features.centred_gram(torch.ones(3, 4))[1]  # constant, not zero
+
+
+def test_all_zero_feature_names_the_layer_with_centred_grams():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(OmpqError, match="layer 0 produced all-zero"):
+        collect_grams(model, discover_layers(model, x[:1]), x, centred=True)
+
+
+def test_float32_centred_orm_matches_float64_on_real_resnet20(data_dir):
+    from ompq_plugin.data import search_samples
+    from ompq_plugin.models import build_model
+    from ompq_plugin.orm import orm_matrix
+
+    model, spec = build_model("resnet20", data_dir=data_dir)
+    x = search_samples(data_dir, spec, 64, seed=0)
+    found = discover_layers(model, x[:1])
+    k64 = orm_matrix(collect_grams(model, found, x).grams)
+    k32 = orm_matrix(collect_grams(model, found, x, centred=True).grams)
+    assert float(abs(k64 - k32).max()) < 1e-6

@@ -48,7 +48,7 @@ def test_search_meets_budget_pins_first_last_and_records_provenance(four_bit):
     assert len({lb.weight_bits for lb in config.layers}) > 1  # a real mixed-precision answer
     assert config.samples == 64 and config.orm_form == "centred" and config.beta == 1.0
     assert set(config.timings) == {"features_s", "orm_s", "solve_s"}
-    assert "torch" in config.versions and "mip" in config.versions
+    assert "torch" in config.versions and "highspy" in config.versions
 
 
 def test_orm_matrix_of_real_features_is_a_valid_similarity(four_bit):

@@ -1,0 +1,288 @@
+"""Exact allocation solvers compared on ResNet-50 instances (54 layers, 7 weight x 4 act widths).
+
+Instance families (30 each: 3 importance draws x 2 betas x 5 (memory, BOPs) budget pairs, first
+and last layer pinned 8/8):
+
+* ``eq10``: the Eq. 10 objective, memory + BOPs budgets (the search's own problem);
+* ``eq10_buffer``: the same plus an activation-buffer budget (5 bits x the largest input);
+* ``error``: per-option values shaped like an error, ``-theta_i * 2^(-2w)`` per layer and
+  ``-sum_{i in g} theta_i * 2^(-2a)`` per act group (increasing in the bits, not linear).
+
+Solvers, each with a 10 s limit, every answer re-checked in exact integers and its objective
+compared with the best found:
+
+* ``dp``: the project's DP (``solve(solver="dp")``);
+* ``highspy``: the project's HiGHS path (``solve(solver="highs")``, highspy called directly);
+* ``scipy_milp``: the same formulation through ``scipy.optimize.milp`` (HiGHS bundled in scipy);
+* ``mip_highs``: the same formulation through python-mip with ``mip.HIGHS``; python-mip 1.16/2.0
+  only loads highspy < 1.15, so this runs in a child process with ``--highspy-path`` (a folder
+  holding highspy 1.14, e.g. ``pip install --target /tmp/hs114 "highspy<1.15"``) first on the
+  path. Without it this solver is skipped.
+
+Run: ``nice -n 10 python bench/solvers.py [--highspy-path /tmp/hs114]`` (a few minutes on 2
+cores). Writes bench/results/solvers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "solvers.json"
+FAMILIES = ("eq10", "eq10_buffer", "error")
+TIME_LIMIT_S = 10.0
+
+
+def instances() -> list[tuple[dict, object]]:
+    """(description, AllocationProblem) for every instance of every family."""
+    import numpy as np
+    import torch
+
+    from ompq_plugin.allocate import AllocationLayer, AllocationProblem, eq10_coefficients
+    from ompq_plugin.budgets import Budgets
+    from ompq_plugin.layers import discover_layers
+    from ompq_plugin.models import build_model
+
+    model, _ = build_model("resnet50")
+    found = discover_layers(model, torch.randn(1, 3, 224, 224))
+    weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
+    layers = tuple(
+        AllocationLayer(
+            lay.name, lay.kind, lay.params, lay.macs, lay.input_numel, lay.act_group, weights, acts
+        )
+        for lay in found.layers
+    )
+    pins = {layers[0].name: (8, 8), layers[-1].name: (8, 8)}
+    biggest = max(lay.input_numel for lay in layers)
+    out = []
+    for family in FAMILIES:
+        rng = random.Random(0)
+        for draw in range(3):
+            gamma = np.array([rng.uniform(5, 15) for _ in layers[1:-1]])
+            for beta in (0.3, 1.0):
+                theta = np.exp(-beta * (gamma - gamma.min()))
+                coeff = (0.0, *eq10_coefficients(list(theta)), 0.0)
+                full_theta = (float(theta.mean()), *map(float, theta), float(theta.mean()))
+                for avg_bits, bops_per_mac in ((4, 16), (5, 20), (3, 12), (6, 30), (4, 36)):
+                    budgets = Budgets(
+                        weight_memory_bits=avg_bits * found.total_params,
+                        bops=bops_per_mac * found.total_macs,
+                        act_buffer_bits=5 * biggest if family == "eq10_buffer" else math.inf,
+                    )
+                    problem = AllocationProblem(layers, coeff, budgets, pins)
+                    if family == "error":
+                        act_value: dict[str, dict[int, float]] = {}
+                        for t, lay in zip(full_theta, layers, strict=True):
+                            table = act_value.setdefault(lay.act_group, dict.fromkeys(acts, 0.0))
+                            for a in acts:
+                                table[a] -= t * 2.0 ** (-2 * a)
+                        problem = AllocationProblem(
+                            layers,
+                            (0.0,) * len(layers),
+                            budgets,
+                            pins,
+                            weight_value=tuple(
+                                {w: -t * 2.0 ** (-2 * w) for w in weights} for t in full_theta
+                            ),
+                            act_value=act_value,
+                        )
+                    desc = {
+                        "family": family,
+                        "draw": draw,
+                        "beta": beta,
+                        "avg_weight_bits": avg_bits,
+                        "bops_per_mac": bops_per_mac,
+                    }
+                    out.append((desc, problem))
+    return out
+
+
+def _choice_from_x(form, x) -> list[tuple[int, int]]:
+    import numpy as np
+
+    return [
+        lp[int(np.argmax(x[f : f + len(lp)]))] for f, lp in zip(form.first, form.pairs, strict=True)
+    ]
+
+
+def _via_formulation(problem, backend: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """Solve the package's HiGHS formulation with another front end (no repair loop)."""
+    import numpy as np
+
+    from ompq_plugin.allocate.feasibility import check_feasible
+    from ompq_plugin.allocate.highs import formulate
+    from ompq_plugin.allocate.problem import budget_limits, prepare
+
+    prep = prepare(problem)
+    check_feasible(problem, prep)
+    form = formulate(problem, prep, budget_limits(problem.budgets))
+    n = len(form.cost)
+    if backend == "scipy_milp":
+        from scipy.optimize import LinearConstraint, milp
+        from scipy.sparse import csr_matrix
+
+        a = csr_matrix((form.a_value, form.a_index, form.a_start), shape=(len(form.row_lower), n))
+        res = milp(
+            -form.cost,
+            integrality=np.ones(n),
+            bounds=(0, 1),
+            constraints=LinearConstraint(a, form.row_lower, form.row_upper),
+            options={"disp": False, "time_limit": TIME_LIMIT_S, "mip_rel_gap": 1e-9},
+        )
+        if res.status != 0:
+            return f"status {res.status}", None
+        return "optimal", _choice_from_x(form, res.x)
+    import mip
+
+    m = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.HIGHS)
+    m.verbose = 0
+    m.max_mip_gap = 1e-9
+    xs = [m.add_var(var_type=mip.BINARY, obj=float(c)) for c in form.cost]
+    for r in range(len(form.row_lower)):
+        lo, hi = form.a_start[r], form.a_start[r + 1]
+        cols, vals = form.a_index[lo:hi], form.a_value[lo:hi]
+        expr = mip.xsum(float(v) * xs[int(j)] for j, v in zip(cols, vals, strict=True))
+        if form.row_lower[r] == form.row_upper[r]:
+            m.add_constr(expr == float(form.row_upper[r]))
+        else:
+            m.add_constr(expr <= float(form.row_upper[r]))
+    status = m.optimize(max_seconds=TIME_LIMIT_S)
+    if status != mip.OptimizationStatus.OPTIMAL:
+        return status.name, None
+    return "optimal", _choice_from_x(form, np.array([v.x for v in xs]))
+
+
+def run_solver(name: str) -> list[dict]:
+    import torch
+
+    from ompq_plugin.allocate import objective_value, solve, usage
+    from ompq_plugin.errors import OmpqError
+
+    torch.set_num_threads(1)
+    runs = []
+    for desc, problem in instances():
+        start = time.perf_counter()
+        try:
+            if name in ("dp", "highspy"):
+                result = solve(problem, TIME_LIMIT_S, solver="dp" if name == "dp" else "highs")
+                status, wb, ab = result.status, result.weight_bits, result.act_bits
+            else:
+                status, chosen = _via_formulation(problem, name)
+                wb = ab = None
+                if chosen is not None:
+                    wb = {lay.name: w for lay, (w, _) in zip(problem.layers, chosen, strict=True)}
+                    ab = {lay.name: a for lay, (_, a) in zip(problem.layers, chosen, strict=True)}
+        except OmpqError as exc:
+            status, wb, ab = f"error: {exc}"[:120], None, None
+        seconds = time.perf_counter() - start
+        run = {**desc, "seconds": seconds, "status": status}
+        if wb is not None:
+            used = usage(problem, wb, ab)
+            b = problem.budgets
+            run["within_budget"] = (
+                used[0] <= b.weight_memory_bits
+                and used[1] <= b.bops
+                and used[2] <= b.act_buffer_bits
+            )
+            run["objective"] = objective_value(problem, wb, ab)
+        runs.append(run)
+        print(json.dumps({"solver": name, **run}), file=sys.stderr, flush=True)
+    return runs
+
+
+def summarise(runs: list[dict], best: list[float | None]) -> dict:
+    out = {}
+    for family in FAMILIES:
+        rows = [(r, b) for r, b in zip(runs, best, strict=True) if r["family"] == family]
+        proven = [
+            r
+            for r, b in rows
+            if r["status"] == "optimal"
+            and r.get("within_budget")
+            and b is not None
+            and r["objective"] >= b - 1e-9 * abs(b) - 1e-12
+        ]
+        secs = sorted(r["seconds"] for r, _ in rows)
+        out[family] = {
+            "instances": len(rows),
+            "proven_and_best": len(proven),
+            "median_s": secs[len(secs) // 2],
+            "max_s": secs[-1],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--solver")
+    parser.add_argument("--highspy-path", help="folder with highspy < 1.15 for mip.HIGHS")
+    args = parser.parse_args()
+    if args.solver:
+        print(json.dumps(run_solver(args.solver)))
+        return
+    solvers = ["dp", "highspy", "scipy_milp"] + (["mip_highs"] if args.highspy_path else [])
+    results: dict[str, list[dict]] = {}
+    for name in solvers:
+        env = dict(os.environ)
+        if name == "mip_highs":
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [args.highspy_path, env.get("PYTHONPATH")])
+            )
+        print(f"{name} ...", flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--solver", name],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        ).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    n = len(next(iter(results.values())))
+    best = []
+    for k in range(n):
+        values = [
+            runs[k].get("objective") for runs in results.values() if runs[k].get("within_budget")
+        ]
+        best.append(max(values) if values else None)
+    summary = {name: summarise(runs, best) for name, runs in results.items()}
+    fastest = {}
+    for k in range(n):
+        times = {
+            name: runs[k]["seconds"]
+            for name, runs in results.items()
+            if runs[k]["status"] == "optimal" and runs[k].get("within_budget")
+        }
+        winner = min(times, key=times.get) if times else None
+        fastest[winner] = fastest.get(winner, 0) + 1
+    import scipy
+
+    report = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "note": "2 shared cores, other engineers' jobs running; run under nice -n 10",
+        },
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "time_limit_s": TIME_LIMIT_S,
+        "versions": {"scipy": scipy.__version__},
+        "summary": summary,
+        "fastest_count": {str(k): v for k, v in fastest.items()},
+        "runs": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(RESULTS)
+    print(json.dumps({"summary": summary, "fastest_count": report["fastest_count"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The exact dynamic program over the act groups, pruned with Lagrangian bounds.
+
+* States are pruned when (a) even the cheapest completion breaks a budget (exact, in integers),
+  (b) their bound (:mod:`dp_bounds`) is below a target ``T``, or (c) another state with the same
+  open ``a`` is no worse in value and no larger in memory and in BOPs (dominance; exact
+  duplicates keep one). Every pruning keeps at least one optimal completion of every state at or
+  above ``T``, so when the best final state reaches ``T`` it is optimal. ``T`` starts just below
+  the root bound and is lowered geometrically (never below the best configuration already found,
+  which then closes the search) until that happens.
+* Exactness: memory and BOPs are integers and compared exactly. The objective is a float sum:
+  bounds are compared with a slack of ``1e-9`` relative to the objective's scale (the sum over
+  steps of the largest option magnitude; on the safe side: it keeps states), and two
+  configurations whose objectives agree to about ``1e-12`` relative (float rounding) are treated
+  as equal -- either may be returned.
+* If the states of one step exceed ``_MAX_STATES`` (a hard instance), :class:`TooHard` hands the
+  problem to the integer program. The deadline is checked between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ompq_plugin.allocate.dp_bounds import Step, Suffix, build_steps, lagrangian, suffix_bounds
+from ompq_plugin.allocate.feasibility import jointly_infeasible
+from ompq_plugin.allocate.problem import AllocationProblem, Prepared, budget_limits
+
+_MAX_STATES = 1_500_000  # DP states per step before handing the instance to HiGHS
+_BOUND_SLACK = 1e-9  # relative: a bound this close below the target keeps its state
+
+
+class TooHard(Exception):
+    """The DP's states outgrew _MAX_STATES: hand the instance to the integer program."""
+
+
+def _undominated_states(
+    value: np.ndarray, mem: np.ndarray, bops: np.ndarray, act: np.ndarray
+) -> np.ndarray:
+    """Indices of states to keep: one per (act, mem, BOPs), minus states another dominates.
+
+    A state is dropped only for a state with the same open act bits that has at least its value
+    and at most its memory and BOPs (every completion of the one completes the other at least as
+    well). Checked against the best-valued earlier state in two sweeps (by memory, by BOPs): not
+    every dominated state is found, but every state dropped is dominated.
+    """
+    order = np.lexsort((-value, bops, mem, act))
+    v, m, b, a = value[order], mem[order], bops[order], act[order]
+    first = np.ones(len(v), dtype=bool)
+    first[1:] = (m[1:] != m[:-1]) | (b[1:] != b[:-1]) | (a[1:] != a[:-1])
+    keep = order[first]
+    for sweep in (0, 1):
+        if len(keep) < 2:
+            break
+        v, m, b, a = value[keep], mem[keep], bops[keep], act[keep]
+        order = np.lexsort((-v, b, m, a)) if sweep == 0 else np.lexsort((-v, m, b, a))
+        v, m, b, a = v[order], m[order], b[order], a[order]
+        dominated = np.zeros(len(v), dtype=bool)
+        bounds = np.flatnonzero(np.diff(a)) + 1
+        for lo, hi in zip(
+            np.concatenate(([0], bounds)), np.concatenate((bounds, [len(v)])), strict=True
+        ):
+            seg_v = v[lo:hi]
+            if len(seg_v) < 2:
+                continue
+            idx = np.arange(len(seg_v))
+            running = np.maximum.accumulate(seg_v)
+            champ = np.maximum.accumulate(np.where(seg_v == running, idx, 0))[:-1] + lo
+            other = (m[lo + 1 : hi], b[lo + 1 : hi]) if sweep == 0 else (b[lo + 1 : hi],)
+            # sorted by (m, b) [sweep 0] or (b, m) [sweep 1]: the champion is no larger in the
+            # sort key; check value and the other resource
+            worse = v[champ] >= seg_v[1:]
+            if sweep == 0:
+                worse &= b[champ] <= other[1]
+            else:
+                worse &= m[champ] <= m[lo + 1 : hi]
+            dominated[lo + 1 : hi] = worse
+        keep = keep[order[~dominated]]
+    return keep
+
+
+@dataclass
+class _Found:
+    value: float
+    choice: list[tuple[int, int]]  # per layer (w, a)
+
+
+def _dp(
+    steps: list[Step],
+    n_layers: int,
+    suffixes: list[Suffix],
+    lams: list[tuple[float, float]],
+    caps: tuple[int, int],
+    target: float,
+    slack: float,
+    deadline: float,
+) -> _Found | None:
+    """Best configuration among states whose bound reaches ``target - slack`` (None: none).
+
+    States whose every completion is below ``target - slack`` are dropped, so the result is
+    optimal whenever its value is at least ``target - slack``.
+    """
+    value = np.zeros(1)
+    mem = np.zeros(1, dtype=np.int64)
+    bops = np.zeros(1, dtype=np.int64)
+    act = np.zeros(1, dtype=np.int64)
+    trail: list[tuple[np.ndarray, np.ndarray]] = []  # per step: (parent, option) of each state
+    offsets = [lam[0] * caps[0] + lam[1] * caps[1] for lam in lams]
+    for k, st in enumerate(steps):
+        if time.perf_counter() > deadline:
+            raise TimeoutError
+        n, n_opt = len(value), len(st.value)
+        parent = np.tile(np.arange(n, dtype=np.int64), n_opt)
+        option = np.repeat(np.arange(n_opt, dtype=np.int64), n)
+        a_parent = act[parent]
+        value = value[parent] + st.value[option]
+        mem = mem[parent] + st.mem[option]
+        if st.kind == "member":
+            assert st.ok is not None
+            bops = bops[parent] + st.bops[option] * a_parent
+            act = a_parent
+            keep = st.ok[option, a_parent]
+        else:
+            bops = bops[parent] + st.bops[option]
+            act = st.a[option] if st.kind == "open" else a_parent
+            keep = np.ones(len(value), dtype=bool)
+        keep &= mem + suffixes[0].mem[k][act] <= caps[0]
+        keep &= bops + suffixes[0].bops[k][act] <= caps[1]
+        for lam, suf, off in zip(lams, suffixes, offsets, strict=True):
+            bound = value - lam[0] * mem - lam[1] * bops + suf.bound[k][act] + off
+            keep &= bound >= target - slack
+        if st.kind == "member" and st.last:
+            act = np.zeros_like(act)
+        sel = np.flatnonzero(keep)
+        sel = sel[_undominated_states(value[sel], mem[sel], bops[sel], act[sel])]
+        if len(sel) > _MAX_STATES:
+            raise TooHard
+        value, mem, bops, act = value[sel], mem[sel], bops[sel], act[sel]
+        trail.append((parent[sel], option[sel]))
+        if not len(sel):
+            return None
+    best = int(np.argmax(value))
+    w_of = [0] * n_layers
+    a_of = [0] * n_layers
+    open_a: dict[str, int] = {}
+    picks = []
+    idx = best
+    for k in range(len(steps) - 1, -1, -1):
+        parent, option = trail[k]
+        picks.append((k, int(option[idx])))
+        idx = int(parent[idx])
+    for k, o in reversed(picks):
+        st = steps[k]
+        if st.kind == "pair":
+            w_of[st.layer], a_of[st.layer] = int(st.w[o]), int(st.a[o])
+        elif st.kind == "open":
+            open_a[st.group] = int(st.a[o])
+        else:
+            w_of[st.layer], a_of[st.layer] = int(st.w[o]), open_a[st.group]
+    return _Found(float(value[best]), list(zip(w_of, a_of, strict=True)))
+
+
+def solve_dp(problem: AllocationProblem, prep: Prepared, deadline: float) -> list[tuple[int, int]]:
+    """The exact DP with a falling target (see the module docstring); per layer (w, a)."""
+    limits = budget_limits(problem.budgets)
+    on = (math.isfinite(limits[0]), math.isfinite(limits[1]))
+    caps = (
+        math.floor(limits[0]) if on[0] else 0,
+        math.floor(limits[1]) if on[1] else 0,
+    )
+    try:
+        steps, a_max = build_steps(problem, prep, limits)
+    except OverflowError:  # resources beyond int64: leave it to HiGHS
+        raise TooHard from None
+    for st in steps:
+        if st.kind != "open" and int(st.bops.max(initial=0)) * max(a_max, 1) > 2**62 // (
+            len(steps) + 1
+        ):
+            raise TooHard  # BOPs could overflow int64: leave it to HiGHS
+    lam = lagrangian(steps, caps, on)
+    lams = [lam]
+    suffixes = [suffix_bounds(steps, a_max, x) for x in lams]
+    root = min(
+        s.root + x[0] * caps[0] + x[1] * caps[1] for s, x in zip(suffixes, lams, strict=True)
+    )
+    floor = sum(float(st.value.min()) for st in steps) - 1.0  # below every objective
+    # tolerances on the objective's own scale (per-option values may be tiny, e.g. errors)
+    scale = sum(float(np.abs(st.value).max(initial=0.0)) for st in steps) or 1.0
+    slack = _BOUND_SLACK * scale
+    gap = 1e-6 * scale
+    best: _Found | None = None
+    while True:
+        target = root - gap
+        if best is not None:
+            target = max(target, best.value)
+        if target < floor:
+            target = -math.inf
+        found = _dp(steps, len(problem.layers), suffixes, lams, caps, target, slack, deadline)
+        if found is not None and (best is None or found.value > best.value):
+            best = found
+        if best is not None and best.value >= target - slack:
+            return best.choice
+        if target == -math.inf:
+            raise jointly_infeasible(problem)
+        gap *= 8

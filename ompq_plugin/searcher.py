@@ -47,6 +47,7 @@ class SearchResult:
     layers: ModelLayers
     orm: np.ndarray  # K over all layers, in layer order
     allocation: Allocation
+    problem: AllocationProblem | None = None  # what was solved (a Pareto sweep re-solves it)
 
 
 def search(
@@ -167,7 +168,9 @@ def run_search(
         },
         versions=library_versions(),
     )
-    return SearchResult(config=config, layers=found, orm=k, allocation=allocation)
+    return SearchResult(
+        config=config, layers=found, orm=k, allocation=allocation, problem=problem
+    )
 
 
 def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:

@@ -4,6 +4,7 @@
   bookkeeping and validation; :mod:`.feasibility`: each budget's exact minimum and the messages.
 * :mod:`.dp` (with :mod:`.dp_bounds`): an exact dynamic program over the act groups.
 * :mod:`.highs`: the same problem as a 0-1 integer program in HiGHS.
+* :mod:`.solver`: which of the two runs; :mod:`.pareto`: many budgets, one problem.
 
 :func:`solve` never returns a configuration that breaks a budget (checked exactly, in
 integers) and only returns proven optima.
@@ -13,24 +14,19 @@ from __future__ import annotations
 
 import time
 
-from ompq_plugin.allocate import dp
-from ompq_plugin.allocate.dp import TooHard, solve_dp
-from ompq_plugin.allocate.feasibility import check_feasible
-from ompq_plugin.allocate.highs import solve_highs
+from ompq_plugin.allocate.pareto import ParetoPoint, budget_line, sweep
 from ompq_plugin.allocate.problem import (
     LAYER_KINDS,
     Allocation,
     AllocationLayer,
     AllocationProblem,
     Pin,
-    checked_allocation,
     eq10_coefficients,
     objective_value,
     prepare,
-    timeout_error,
     usage,
 )
-from ompq_plugin.errors import OmpqError
+from ompq_plugin.allocate.solver import SOLVERS, solve_prepared
 
 __all__ = [
     "LAYER_KINDS",
@@ -38,14 +34,15 @@ __all__ = [
     "Allocation",
     "AllocationLayer",
     "AllocationProblem",
+    "ParetoPoint",
     "Pin",
+    "budget_line",
     "eq10_coefficients",
     "objective_value",
     "solve",
+    "sweep",
     "usage",
 ]
-
-SOLVERS = ("auto", "dp", "highs")
 
 
 def solve(
@@ -53,35 +50,12 @@ def solve(
 ) -> Allocation:
     """Maximise the objective under the budgets; exact, proven optimal, never over budget.
 
-    ``solver``: "auto" runs the DP and hands instances too large for it to HiGHS; "dp" or
-    "highs" force one (for cross-checks; "dp" then fails on too-large instances).
+    ``solver``: "auto" runs the DP on Eq. 10 problems (HiGHS for instances too large for it)
+    and HiGHS on per-option problems (see :mod:`.solver`); "dp" or "highs" force one (for
+    cross-checks; "dp" then fails on too-large instances).
     Raises InfeasibleBudgetError (naming the budget and its smallest achievable value) when no
     configuration meets the budgets, and OmpqError on bad input or when optimality is not
     proven within ``time_limit_s``.
     """
-    if solver not in SOLVERS:
-        raise OmpqError(f"unknown solver {solver!r}; use one of {SOLVERS}")
     start = time.perf_counter()
-    prep = prepare(problem)
-    check_feasible(problem, prep)
-    if not problem.layers:
-        return Allocation({}, {}, 0.0, 0, 0, 0, time.perf_counter() - start, "optimal")
-    if solver != "highs":
-        try:
-            chosen = solve_dp(problem, prep, start + time_limit_s)
-        except TimeoutError:
-            raise timeout_error(time_limit_s) from None
-        except TooHard:
-            if solver == "dp":
-                raise OmpqError(
-                    f"the DP needed more than {dp._MAX_STATES} states per step; use solver='auto'"
-                ) from None
-        else:
-            allocation, broken = checked_allocation(problem, chosen, start, "dp")
-            if broken:  # cannot happen: the DP is exact in integers
-                raise OmpqError(
-                    "internal error: the DP returned a configuration over budget; "
-                    "please report this with the model and budgets"
-                )
-            return allocation
-    return solve_highs(problem, prep, start, time_limit_s)
+    return solve_prepared(problem, prepare(problem), start, time_limit_s, solver)

@@ -162,24 +162,59 @@ def _dp(
     return _Found(float(value[best]), list(zip(w_of, a_of, strict=True)))
 
 
-def solve_dp(problem: AllocationProblem, prep: Prepared, deadline: float) -> list[tuple[int, int]]:
-    """The exact DP with a falling target (see the module docstring); per layer (w, a)."""
+@dataclass
+class DpCache:
+    """What a sweep over budgets can reuse between solves of the same problem.
+
+    The steps depend on the budgets only through the activation buffer and which budgets are
+    finite (``key``); the multipliers of the previous budget start the next search, and the
+    previous gap between the root bound and the optimum sets the first target.
+    """
+
+    key: tuple[float, bool, bool] | None = None
+    steps: list[Step] | None = None
+    a_max: int = 0
+    lam: tuple[float, float] | None = None
+    gap: float = 0.0  # (root bound - optimum) / scale of the previous solve
+
+
+def solve_dp(
+    problem: AllocationProblem,
+    prep: Prepared,
+    deadline: float,
+    *,
+    incumbent: tuple[float, list[tuple[int, int]]] | None = None,
+    cache: DpCache | None = None,
+) -> list[tuple[int, int]]:
+    """The exact DP with a falling target (see the module docstring); per layer (w, a).
+
+    ``incumbent``: (objective, per-layer (w, a)) of a configuration known to meet these budgets
+    (e.g. the previous point of a sweep); the target then never falls below it.
+    """
     limits = budget_limits(problem.budgets)
     on = (math.isfinite(limits[0]), math.isfinite(limits[1]))
     caps = (
         math.floor(limits[0]) if on[0] else 0,
         math.floor(limits[1]) if on[1] else 0,
     )
-    try:
-        steps, a_max = build_steps(problem, prep, limits)
-    except OverflowError:  # resources beyond int64: leave it to HiGHS
-        raise TooHard from None
-    for st in steps:
-        if st.kind != "open" and int(st.bops.max(initial=0)) * max(a_max, 1) > 2**62 // (
-            len(steps) + 1
-        ):
-            raise TooHard  # BOPs could overflow int64: leave it to HiGHS
-    lam = lagrangian(steps, caps, on)
+    key = (limits[2], on[0], on[1])
+    if cache is not None and cache.key == key and cache.steps is not None:
+        steps, a_max = cache.steps, cache.a_max
+    else:
+        try:
+            steps, a_max = build_steps(problem, prep, limits)
+        except OverflowError:  # resources beyond int64: leave it to HiGHS
+            raise TooHard from None
+        for st in steps:
+            if st.kind != "open" and int(st.bops.max(initial=0)) * max(a_max, 1) > 2**62 // (
+                len(steps) + 1
+            ):
+                raise TooHard  # BOPs could overflow int64: leave it to HiGHS
+        if cache is not None:
+            cache.key, cache.steps, cache.a_max = key, steps, a_max
+    lam = lagrangian(steps, caps, on, cache.lam if cache is not None else None)
+    if cache is not None:
+        cache.lam = lam
     lams = [lam]
     suffixes = [suffix_bounds(steps, a_max, x) for x in lams]
     root = min(
@@ -190,7 +225,9 @@ def solve_dp(problem: AllocationProblem, prep: Prepared, deadline: float) -> lis
     scale = sum(float(np.abs(st.value).max(initial=0.0)) for st in steps) or 1.0
     slack = _BOUND_SLACK * scale
     gap = 1e-6 * scale
-    best: _Found | None = None
+    if cache is not None:  # the previous solve's gap, with a margin: usually one round
+        gap = max(gap, 1.5 * cache.gap * scale)
+    best = _Found(incumbent[0], list(incumbent[1])) if incumbent is not None else None
     while True:
         target = root - gap
         if best is not None:
@@ -201,6 +238,8 @@ def solve_dp(problem: AllocationProblem, prep: Prepared, deadline: float) -> lis
         if found is not None and (best is None or found.value > best.value):
             best = found
         if best is not None and best.value >= target - slack:
+            if cache is not None:
+                cache.gap = max(root - best.value, 0.0) / scale
             return best.choice
         if target == -math.inf:
             raise jointly_infeasible(problem)

@@ -253,12 +253,16 @@ def _bracket(f: Callable[[float], float], start: float) -> float:
 
 
 def lagrangian(
-    steps: list[Step], caps: tuple[int, int], on: tuple[bool, bool]
+    steps: list[Step],
+    caps: tuple[int, int],
+    on: tuple[bool, bool],
+    hint: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """Multipliers (near-)minimising the Lagrangian dual bound, by nested golden sections.
 
     Searched in units of ``lam_k * budget_k`` so both live on the objective's scale. Any result
-    is a valid bound; its precision only affects how much the DP prunes.
+    is a valid bound; its precision only affects how much the DP prunes. ``hint`` (multipliers
+    of a nearby problem, e.g. the previous budget of a sweep) starts the brackets near them.
     """
     dual = _Dual(steps)
     c0, c1 = max(caps[0], 1), max(caps[1], 1)
@@ -267,24 +271,26 @@ def lagrangian(
         return dual(u / c0, v / c1) + u + v
 
     spread = sum(float(st.value.max() - st.value.min()) for st in steps) + 1.0
-    iters = 30
+    start_u = 2 * hint[0] * c0 if hint and hint[0] > 0 else spread
+    start_v = 2 * hint[1] * c1 if hint and hint[1] > 0 else spread
+    iters = 18 if hint else 30  # near a hint, a coarser search bounds as well in practice
     if on[0] and on[1]:
         best_u: dict[float, float] = {}
 
         def inner(v: float) -> float:
-            hi_u = _bracket(lambda u: f(u, v), spread)
+            hi_u = _bracket(lambda u: f(u, v), start_u)
             u, val = _golden(lambda x: f(x, v), hi_u, iters)
             best_u[v] = u
             return val
 
-        v, _ = _golden(inner, _bracket(inner, spread), iters)
+        v, _ = _golden(inner, _bracket(inner, start_v), iters)
         if v not in best_u:
             inner(v)
         return best_u[v] / c0, v / c1
     if on[0]:
         g = lambda u: f(u, 0.0)  # noqa: E731
-        return _golden(g, _bracket(g, spread), iters)[0] / c0, 0.0
+        return _golden(g, _bracket(g, start_u), iters)[0] / c0, 0.0
     if on[1]:
         h = lambda v: f(0.0, v)  # noqa: E731
-        return 0.0, _golden(h, _bracket(h, spread), iters)[0] / c1
+        return 0.0, _golden(h, _bracket(h, start_v), iters)[0] / c1
     return 0.0, 0.0

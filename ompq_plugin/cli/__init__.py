@@ -7,6 +7,7 @@ Each sub-command lives in its own module with ``add_parser(subparsers)``; the pa
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo_cmd, profiles_cmd, search_cmd, quant_cmd, export_cmd):
         module.add_parser(sub)
+    importlib.import_module("ompq_plugin.cli.pareto_cmd").add_parser(sub)
     return parser
 
 

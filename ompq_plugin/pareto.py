@@ -1,0 +1,100 @@
+"""Pareto front of one model on one target: one ORM measurement, then many budgets.
+
+``pareto_front`` runs the search once at the loosest budgets (features, ORM, importances, the
+integer program), then re-solves that same problem at every budget of a line from ``low`` to
+``high`` (:func:`ompq_plugin.allocate.sweep`), each point proven optimal.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ompq_plugin.allocate import ParetoPoint, budget_line, sweep
+from ompq_plugin.budgets import Budgets
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.fileio import write_text_atomic
+from ompq_plugin.hw_profiles import load_profile
+from ompq_plugin.hw_profiles.profile import HardwareProfile
+from ompq_plugin.searcher import SearchResult, run_search
+
+
+@dataclass(frozen=True)
+class ParetoFront:
+    model: str
+    profile: str
+    total_params: int
+    total_macs: int
+    points: list[ParetoPoint]
+    search: SearchResult  # the one search (ORM, importances) the sweep re-solved
+    sweep_s: float  # every point of the sweep together (the search excluded)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "profile": self.profile,
+            "total_params": self.total_params,
+            "total_macs": self.total_macs,
+            "sweep_s": self.sweep_s,
+            "points": [
+                {
+                    "budgets": p.budgets.to_json(),
+                    "objective": p.allocation.objective,
+                    "weight_memory_bits": p.allocation.weight_memory_bits,
+                    "avg_weight_bits": p.allocation.weight_memory_bits / max(self.total_params, 1),
+                    "bops": p.allocation.bops,
+                    "max_act_buffer_bits": p.allocation.max_act_buffer_bits,
+                    "solver": p.allocation.solver,
+                    "solve_s": p.allocation.solve_s,
+                    "weight_bits": p.allocation.weight_bits,
+                    "act_bits": p.allocation.act_bits,
+                }
+                for p in self.points
+            ],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        import json
+
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+
+def pareto_front(
+    model: nn.Module,
+    samples: torch.Tensor,
+    profile: HardwareProfile | str,
+    low: Budgets,
+    high: Budgets,
+    points: int = 100,
+    *,
+    time_limit_s: float = 60.0,
+    **search_options: Any,
+) -> ParetoFront:
+    """The proven-optimal allocation at ``points`` budgets from ``low`` to ``high``.
+
+    Budgets left infinite in both ends keep the profile's value. ``search_options`` go to
+    :func:`ompq_plugin.searcher.run_search` (beta, pins, model_name, ...); ``time_limit_s``
+    bounds each solve.
+    """
+    hw = load_profile(profile) if isinstance(profile, str) else profile
+    line = budget_line(hw.budgets.merged(low), hw.budgets.merged(high), points)
+    result = run_search(model, samples, hw, line[-1], time_limit_s=time_limit_s, **search_options)
+    if result.problem is None:
+        raise OmpqError("internal error: the search returned no problem to sweep")
+    start = time.perf_counter()
+    front = sweep(result.problem, line, time_limit_s)
+    layers = result.layers
+    return ParetoFront(
+        model=result.config.model,
+        profile=hw.name,
+        total_params=layers.total_params,
+        total_macs=layers.total_macs,
+        points=front,
+        search=result,
+        sweep_s=time.perf_counter() - start,
+    )

@@ -101,6 +101,7 @@ def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch):
     torch.testing.assert_close(g, flat @ flat.T, rtol=1e-5, atol=1e-5)
     assert features.centred_gram(torch.zeros(3, 4))[1]
     assert not features.centred_gram(torch.ones(3, 4))[1]  # constant, not zero
+    assert not features.centred_gram(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))[1]  # zero mean
 
 
 def test_all_zero_feature_names_the_layer_with_centred_grams():

@@ -25,7 +25,6 @@ CASES = [
     ("resnet20", 64),
     ("resnet56", 64),
     ("mobilenetv2", 32),
-    ("resnet50", 32),
     ("resnet50", 64),
 ]
 RESULTS = Path(__file__).resolve().parent / "results" / "search_speed.json"
@@ -88,7 +87,7 @@ def _orm_float32_error(model, result, x) -> float:  # noqa: ANN001
     return float(np.abs(reference - result.orm).max())
 
 
-def pareto_sweep(points: int = 100) -> dict:
+def pareto_sweep(threads: int, points: int = 100) -> dict:
     """ResNet-50 (N = 64, 224x224): one search, then ``points`` budgets on a line."""
     import torch
 
@@ -98,7 +97,7 @@ def pareto_sweep(points: int = 100) -> dict:
     from ompq_plugin.models import build_model
     from ompq_plugin.pareto import pareto_front
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     data_dir = resolve_data_dir(None)
     model, spec = build_model("resnet50", data_dir=data_dir)
     x = search_samples(data_dir, spec, 64, seed=0)
@@ -159,16 +158,24 @@ def solve_resnet50_ip() -> dict:
             theta = np.exp(-beta * (gamma - gamma.min()))
             coeff = (0.0, *eq10_coefficients(list(theta)), 0.0)
             for avg_bits, bops_per_mac in ((4, 16), (5, 20), (3, 12), (6, 30), (4, 36)):
-                budgets = Budgets(weight_memory_bits=avg_bits * found.total_params,
-                                  bops=bops_per_mac * found.total_macs)
+                budgets = Budgets(
+                    weight_memory_bits=avg_bits * found.total_params,
+                    bops=bops_per_mac * found.total_macs,
+                )
                 problem = AllocationProblem(layers, coeff, budgets, pins)
                 start = time.perf_counter()
                 allocation = solve(problem)
-                runs.append({
-                    "draw": draw, "beta": beta, "avg_weight_bits": avg_bits,
-                    "bops_per_mac": bops_per_mac, "seconds": time.perf_counter() - start,
-                    "status": allocation.status, "solver": getattr(allocation, "solver", "?"),
-                })
+                runs.append(
+                    {
+                        "draw": draw,
+                        "beta": beta,
+                        "avg_weight_bits": avg_bits,
+                        "bops_per_mac": bops_per_mac,
+                        "seconds": time.perf_counter() - start,
+                        "status": allocation.status,
+                        "solver": getattr(allocation, "solver", "?"),
+                    }
+                )
     seconds = sorted(r["seconds"] for r in runs)
     return {
         "layers": len(layers),
@@ -232,13 +239,20 @@ def main() -> None:
         print(json.dumps(orm_form_spread()))
         return
     if args.sweep:
-        print(json.dumps(pareto_sweep()))
+        print(json.dumps(pareto_sweep(args.threads)))
         return
+
+    env = dict(os.environ)
+    if args.threads == 1:  # numpy's BLAS too: one thread per process, no spinning helpers
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     def child(*extra: str) -> dict:
         out = subprocess.run(
             [sys.executable, __file__, *extra, "--threads", str(args.threads)],
-            check=True, capture_output=True, text=True, env=os.environ,
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
         ).stdout
         return json.loads(out.strip().splitlines()[-1])
 

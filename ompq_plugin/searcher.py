@@ -168,9 +168,7 @@ def run_search(
         },
         versions=library_versions(),
     )
-    return SearchResult(
-        config=config, layers=found, orm=k, allocation=allocation, problem=problem
-    )
+    return SearchResult(config=config, layers=found, orm=k, allocation=allocation, problem=problem)
 
 
 def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:

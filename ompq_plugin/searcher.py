@@ -116,6 +116,7 @@ def run_search(
     if method == "hawq" and labelled is None:
         raise OmpqError("--method hawq needs labelled training images for its Hessian")
     hw = load_profile(profile) if isinstance(profile, str) else profile
+    _check_buildable(hw)
     limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
     narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
@@ -133,7 +134,11 @@ def run_search(
     theta: dict[int, float] = {}
     stats = None
     if method in ORM_METHODS:
-        widths = {lay.name: lay.act_choices for lay in alloc_layers}
+        widths = {  # an act width that is fixed needs no error: the solver has no choice
+            lay.name: lay.act_choices
+            for lay in alloc_layers
+            if len(lay.act_choices) > 1 and pin_map.get(lay.name, (None, None))[1] is None
+        }
         with act_stats.record(model, widths if method == "ompq-noise" else {},
                               hw.power_of_two_scales) as stats:
             grams = collect_grams(model, found, samples)
@@ -198,6 +203,17 @@ def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:
     if pin_first_last and n > 2:
         return list(range(1, n - 1))
     return list(range(n))
+
+
+def _check_buildable(hw: HardwareProfile) -> None:
+    """The search never offers a width that ``ompq quantize`` refuses (it builds 2 bits up)."""
+    offered = [hw.default_bits, *hw.kind_bits.values()]
+    low = sorted({b for c in offered for b in (*c.weight, *c.activation) if b < 2})
+    if low:
+        raise OmpqError(
+            f"profile {hw.name} offers {low}-bit widths, which `ompq quantize` cannot build "
+            "(2 bits or more); remove them from the profile's [bits]"
+        )
 
 
 def _narrowing(

@@ -97,10 +97,7 @@ def build_problem(
         ]
         timings["weight_error_s"] = time.perf_counter() - start
         full = [theta.get(i, 1.0) for i in range(n)]
-        missing = [nm for nm in names if nm not in act_errors]
-        if missing:
-            raise OmpqError(f"no input statistics were seen for layers {missing}")
-        a_err = [dict(act_errors[nm]) for nm in names]
+        a_err = [_act_errors_of(lay, act_errors, pins) for lay in layers]
         w_val = noise_values(full, errors)
         a_val = group_noise_values(_groups(layers), full, a_err)
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
@@ -118,6 +115,17 @@ def build_problem(
         a_val = _hawq_act_values(layers, tr, hw.power_of_two_scales)
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     raise OmpqError(f"unknown method {method!r}")
+
+
+def _act_errors_of(
+    lay: AllocationLayer, measured: Mapping[str, Mapping[int, float]], pins: Mapping[str, Pin]
+) -> dict[int, float]:
+    """A layer's measured input errors; zeros where its act width is fixed (nothing to choose)."""
+    if lay.name in measured:
+        return dict(measured[lay.name])
+    if len(lay.act_choices) > 1 and pins.get(lay.name, (None, None))[1] is None:
+        raise OmpqError(f"no input statistics were seen for layer {lay.name}")
+    return dict.fromkeys(lay.act_choices, 0.0)
 
 
 def _group_choices(layers: tuple[AllocationLayer, ...]) -> dict[str, tuple[int, ...]]:

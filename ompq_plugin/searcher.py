@@ -9,20 +9,14 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from ompq_plugin import __version__
-from ompq_plugin.allocate import (
-    Allocation,
-    AllocationLayer,
-    AllocationProblem,
-    eq10_coefficients,
-    solve,
-)
+from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem, solve
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
@@ -31,10 +25,13 @@ from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
 from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers
+from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS, act_stats
+from ompq_plugin.methods import METHODS as _METHODS
+from ompq_plugin.methods.build import build_problem, solve_uniform
+from ompq_plugin.methods.objectives import range_ends
 from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix
 
-DEFAULT_BETA = 1.0  # the authors' default (their ImageNet scripts pass larger values, e.g. 100)
-METHODS = ("ompq",)
+METHODS = _METHODS
 
 Pin = tuple[int | None, int | None]
 
@@ -45,9 +42,11 @@ class SearchResult:
 
     config: BitConfig
     layers: ModelLayers
-    orm: np.ndarray  # K over all layers, in layer order
+    orm: np.ndarray | None  # K over all layers, in layer order (ORM methods only)
     allocation: Allocation
     problem: AllocationProblem | None = None  # what was solved (a Pareto sweep re-solves it)
+    # free layers whose weight width is the lowest ("min") or highest ("max") they were offered
+    range_ends: dict[str, str] = field(default_factory=dict)
 
 
 def search(
@@ -56,11 +55,13 @@ def search(
     profile: HardwareProfile | str,
     budgets: Budgets | None = None,
     *,
-    beta: float = DEFAULT_BETA,
+    beta: float | None = None,
+    method: str = DEFAULT_METHOD,
     **options: object,
 ) -> BitConfig:
     """Per-layer weight and activation bits for ``model`` on ``profile`` (see ``run_search``)."""
-    return run_search(model, samples, profile, budgets, beta=beta, **options).config  # type: ignore[arg-type]
+    return run_search(model, samples, profile, budgets, beta=beta, method=method,  # type: ignore[arg-type]
+                      **options).config
 
 
 def run_search(
@@ -69,8 +70,8 @@ def run_search(
     profile: HardwareProfile | str,
     budgets: Budgets | None = None,
     *,
-    beta: float = DEFAULT_BETA,
-    method: str = "ompq",
+    beta: float | None = None,
+    method: str = DEFAULT_METHOD,
     orm_form: OrmForm = "centred",
     importance_fn: str = "exp",
     pins: Mapping[str, Pin] | None = None,
@@ -81,18 +82,25 @@ def run_search(
     time_limit_s: float = 60.0,
     weight_bits: Sequence[int] | None = None,
     act_bits: Sequence[int] | None = None,
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SearchResult:
-    """Run OMPQ and return the BitConfig with the ORM matrix and the solver's answer.
+    """Choose bits with ``method`` (see :mod:`ompq_plugin.methods`) and return the BitConfig
+    with the ORM matrix and the solver's answer.
 
     ``budgets`` override the profile's default budgets field by field (an infinite field keeps
     the profile's value). ``pins`` fix (weight bits, act bits) of named layers; ``None`` in a
     pin leaves that part free. By default the first and last layer are pinned to the profile's
     pinned bits (8/8 unless the profile says otherwise) and, as in the authors' code, left out
     of the importance computation. ``weight_bits`` / ``act_bits`` narrow the profile's choices
-    for the free layers (e.g. 3..8 for PTQ, where 2-bit layers rarely recover).
+    for the free layers. ``beta`` defaults to the method's (``DEFAULT_BETA``). ``labelled``
+    (images, labels) feeds ``hawq``'s Hessian (200 training images are the reference setting);
+    ``seed`` drives ``random``.
     """
+    start_all = time.perf_counter()
     if method not in METHODS:
         raise OmpqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if beta is None:
+        beta = DEFAULT_BETA.get(method, 1.0)
     if orm_form not in ORM_FORMS:
         raise OmpqError(f"unknown ORM form {orm_form!r}; choose one of {', '.join(ORM_FORMS)}")
     if importance_fn not in IMPORTANCE_FUNCTIONS:
@@ -106,7 +114,10 @@ def run_search(
         raise OmpqError("the search needs at least 2 samples (N x C x H x W); use --samples 64")
     if not torch.isfinite(samples).all():
         raise OmpqError("the search samples contain NaN/Inf; check the data and normalisation")
+    if method == "hawq" and labelled is None:
+        raise OmpqError("--method hawq needs labelled training images for its Hessian")
     hw = load_profile(profile) if isinstance(profile, str) else profile
+    _check_buildable(hw)
     limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
     narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
@@ -114,29 +125,46 @@ def run_search(
     if not allow_unsupported:
         found.require_supported()
     pin_map = _pins(found, hw, pins or {}, pin_first_last)
-
-    grams = collect_grams(model, found, samples, centred=orm_form == "centred")
-    start = time.perf_counter()
-    k = orm_matrix(grams.grams, orm_form)
-    scored = _scored_indices(found, pin_first_last)
-    gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
-    theta_sub = importance(gamma_sub, beta, importance_fn)
-    orm_s = grams.gram_s + time.perf_counter() - start
-
-    coeff = _coefficients(len(found.layers), scored, theta_sub)
-    problem = AllocationProblem(
-        layers=tuple(
-            _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
-            for layer in found.layers
-        ),
-        weight_coeff=tuple(coeff),
-        budgets=limits,
-        pins=pin_map,
+    alloc_layers = tuple(
+        _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
+        for layer in found.layers
     )
-    allocation = solve(problem, time_limit_s=time_limit_s)
+    timings: dict[str, float] = {}
+    k: np.ndarray | None = None
+    gamma: dict[int, float] = {}
+    theta: dict[int, float] = {}
+    stats = None
+    if method in ORM_METHODS:
+        widths = {  # an act width that is fixed needs no error: the solver has no choice
+            lay.name: lay.act_choices
+            for lay in alloc_layers
+            if len(lay.act_choices) > 1 and pin_map.get(lay.name, (None, None))[1] is None
+        }
+        with act_stats.record(model, widths if method == "ompq-noise" else {},
+                              hw.power_of_two_scales) as stats:
+            grams = collect_grams(model, found, samples, centred=orm_form == "centred")
+        start = time.perf_counter()
+        k = orm_matrix(grams.grams, orm_form)
+        scored = _scored_indices(found, pin_first_last)
+        gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
+        theta_sub = importance(gamma_sub, beta, importance_fn)
+        gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
+        theta = dict(zip(scored, theta_sub.tolist(), strict=True))
+        timings["features_s"] = grams.features_s - stats.seconds
+        timings["orm_s"] = grams.gram_s + time.perf_counter() - start
+        if method == "ompq-noise":
+            timings["act_error_s"] = stats.seconds
 
-    gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
-    theta = dict(zip(scored, theta_sub.tolist(), strict=True))
+    problem = build_problem(
+        method, model, found, alloc_layers, limits, pin_map, hw,
+        theta=theta, act_errors=stats.errors if stats is not None else {},
+        labelled=labelled, seed=seed, timings=timings,
+    )
+    allocation = (solve_uniform(problem, time_limit_s) if method == "uniform"
+                  else solve(problem, time_limit_s=time_limit_s))
+    timings["solve_s"] = allocation.solve_s
+    timings["total_s"] = time.perf_counter() - start_all
+
     config = BitConfig(
         model=model_name or type(model).__name__,
         profile=hw.name,
@@ -157,18 +185,19 @@ def run_search(
             for i, layer in enumerate(found.layers)
         ],
         budgets=limits,
-        beta=beta,
+        beta=beta if method in ORM_METHODS else None,
         samples=int(samples.shape[0]),
         seed=seed,
-        orm_form=orm_form,
-        timings={
-            "features_s": grams.features_s,
-            "orm_s": orm_s,
-            "solve_s": allocation.solve_s,
-        },
+        orm_form=orm_form if method in ORM_METHODS else None,
+        timings=timings,
         versions=library_versions(),
     )
-    return SearchResult(config=config, layers=found, orm=k, allocation=allocation, problem=problem)
+    free = {lay.name: lay.weight_choices for lay in alloc_layers if lay.name not in pin_map}
+    ends = range_ends({n: allocation.weight_bits[n] for n in free}, free)
+    return SearchResult(
+        config=config, layers=found, orm=k, allocation=allocation, problem=problem,
+        range_ends=ends,
+    )
 
 
 def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:
@@ -179,12 +208,15 @@ def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:
     return list(range(n))
 
 
-def _coefficients(n_layers: int, scored: list[int], theta: np.ndarray) -> list[float]:
-    """Eq. 10 coefficients over the scored layers; layers outside (pinned) get 0."""
-    coeff = [0.0] * n_layers
-    for i, c in zip(scored, eq10_coefficients(theta.tolist()), strict=True):
-        coeff[i] = c
-    return coeff
+def _check_buildable(hw: HardwareProfile) -> None:
+    """The search never offers a width that ``ompq quantize`` refuses (it builds 2 bits up)."""
+    offered = [hw.default_bits, *hw.kind_bits.values()]
+    low = sorted({b for c in offered for b in (*c.weight, *c.activation) if b < 2})
+    if low:
+        raise OmpqError(
+            f"profile {hw.name} offers {low}-bit widths, which `ompq quantize` cannot build "
+            "(2 bits or more); remove them from the profile's [bits]"
+        )
 
 
 def _narrowing(

@@ -80,7 +80,7 @@ def test_list_profiles_sorted_and_complete() -> None:
 def test_profile_contents_match_sources() -> None:
     assert load_profile("imx500").default_bits.weight == (2, 4, 8)
     assert load_profile("imx500").default_bits.activation == (8, 16)
-    assert load_profile("finn").default_bits.weight[0] == 1
+    assert load_profile("finn").default_bits.weight[0] == 2  # 1-bit bipolar left out (finn.toml)
     assert load_profile("hls4ml").power_of_two_scales
     cmsis = load_profile("cmsis-nn")
     assert not cmsis.pair_allowed(4, 16) and cmsis.pair_allowed(4, 8)

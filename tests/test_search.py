@@ -30,7 +30,9 @@ def four_bit(resnet20):
     model, samples = resnet20
     params = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES))
     budgets = Budgets(weight_memory_bits=4 * params)
-    return run_search(model, samples, "generic", budgets, model_name="resnet20", seed=0), budgets
+    result = run_search(model, samples, "generic", budgets, model_name="resnet20", seed=0,
+                        method="ompq")
+    return result, budgets
 
 
 def test_search_meets_budget_pins_first_last_and_records_provenance(four_bit):
@@ -47,7 +49,8 @@ def test_search_meets_budget_pins_first_last_and_records_provenance(four_bit):
     assert {lb.weight_bits for lb in config.layers} <= allowed
     assert len({lb.weight_bits for lb in config.layers}) > 1  # a real mixed-precision answer
     assert config.samples == 64 and config.orm_form == "centred" and config.beta == 1.0
-    assert set(config.timings) == {"features_s", "orm_s", "solve_s"}
+    assert set(config.timings) == {"features_s", "orm_s", "solve_s", "total_s"}
+    assert config.method == "ompq"
     assert "torch" in config.versions and "highspy" in config.versions
 
 
@@ -62,7 +65,8 @@ def test_orm_matrix_of_real_features_is_a_valid_similarity(four_bit):
 
 def test_search_is_deterministic_for_a_seed(resnet20, four_bit):
     model, samples = resnet20
-    again = search(model, samples, "generic", four_bit[1], model_name="resnet20", seed=0)
+    again = search(model, samples, "generic", four_bit[1], model_name="resnet20", seed=0,
+                   method="ompq")
     assert [lb.weight_bits for lb in again.layers] == [
         lb.weight_bits for lb in four_bit[0].config.layers
     ]
@@ -133,7 +137,9 @@ def test_cli_search_round_trip(data_dir, tmp_path, capsys):
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     config = BitConfig.load(out)
+    ends = printed.pop("range_ends")
     assert printed == config.to_json()
+    assert set(ends.values()) <= {"min", "max"} and set(ends) <= {lb.name for lb in config.layers}
     assert config.profile == "hls4ml" and config.samples == 32
     assert config.totals.bops <= 1.5e9
     assert config.average_weight_bits <= 5

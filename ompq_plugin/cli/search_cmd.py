@@ -9,6 +9,7 @@ import sys
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, HAWQ_IMAGES, METHOD_HELP, METHODS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +29,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="narrow the profile's weight bits for free layers, e.g. 3,4,5,6,8")
     p.add_argument("--act-bits", type=_bit_list, metavar="LIST",
                    help="narrow the profile's activation bits for free layers, e.g. 8")
-    p.add_argument("--beta", type=float, default=None, help="importance spread (default 1.0)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="importance spread for the ORM methods (default: the method's, "
+                   + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="ompq", choices=["ompq"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="allocation method (default %(default)s): "
+                   + "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
+    p.add_argument("--hessian-images", type=int, default=HAWQ_IMAGES,
+                   help="labelled training images for --method hawq (default %(default)s)")
     p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"])
     p.add_argument(
         "--importance", default="exp", choices=["exp", "neglog", "neg", "negcube", "negexp"]
@@ -61,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import QUANTIZABLE_TYPES
     from ompq_plugin.models import build_model
-    from ompq_plugin.searcher import DEFAULT_BETA, parse_pin, run_search
+    from ompq_plugin.searcher import parse_pin, run_search
 
-    for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples"):
+    for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples",
+                 "hessian_images"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -72,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data)
     model, spec = build_model(args.model, args.weights, data_dir)
     samples = search_samples(data_dir, spec, args.samples, seed=args.seed)
+    labelled = (_hessian_images(data_dir, spec, args.hessian_images, args.seed)
+                if args.method == "hawq" else None)
     total_params = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES)
     )
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         samples,
         profile,
         budgets,
-        beta=DEFAULT_BETA if args.beta is None else args.beta,
+        beta=args.beta,
         method=args.method,
         orm_form=args.orm_form,
         importance_fn=args.importance,
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
+        labelled=labelled,
     )
     config = result.config
     if not spec.pretrained:
@@ -109,11 +120,27 @@ def run(args: argparse.Namespace) -> int:
 
         plot_orm(result.orm, result.layers.names, args.orm_plot,
                  f"ORM of {spec.name} ({config.orm_form}, N={config.samples})")
+    ends = result.range_ends
     if args.json:
-        print(json.dumps(config.to_json(), indent=2))
+        print(json.dumps({**config.to_json(), "range_ends": ends}, indent=2))
     else:
         from ompq_plugin.report import print_config
 
         print_config(config)
+        if ends:
+            lows = sum(1 for v in ends.values() if v == "min")
+            print(f"note: {len(ends)} free layers sit at an end of their allowed range "
+                  f"({lows} at the lowest width, {len(ends) - lows} at the highest): "
+                  + ", ".join(f"{n}={v}" for n, v in ends.items()))
         print(f"wrote {args.output}")
     return 0
+
+
+def _hessian_images(data_dir: object, spec: object, n: int, seed: int) -> tuple[object, object]:
+    """HAWQ's labelled images: ``n`` exact-pixel training images, class-balanced."""
+    from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise, resize
+
+    train = load_cifar10(cifar_folder(data_dir, "exact"), "train")  # type: ignore[arg-type]
+    idx = choose_samples(train, n, seed=seed + 1, balanced=True)
+    x = normalise(train.images[idx], spec.mean, spec.std)  # type: ignore[attr-defined]
+    return resize(x, spec.input_size[1:]).contiguous(), train.labels[idx]  # type: ignore[attr-defined]

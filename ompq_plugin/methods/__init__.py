@@ -1,0 +1,23 @@
+"""Bit-allocation methods: the registry and what each needs (see ``objectives`` for the maths).
+
+``ompq`` is the paper (Eq. 10); ``ompq-noise`` keeps ORM importance and scores each width by the
+quantization error it causes; ``uniform``, ``size-greedy``, ``hawq`` and ``random`` are baselines
+through the same solver and BitConfig.
+"""
+
+from __future__ import annotations
+
+METHODS: tuple[str, ...] = ("ompq-noise", "ompq", "uniform", "size-greedy", "hawq", "random")
+ORM_METHODS = frozenset({"ompq", "ompq-noise"})
+DEFAULT_METHOD = "ompq-noise"
+DEFAULT_BETA = {"ompq": 1.0, "ompq-noise": 1.0}  # the authors' default for ompq
+HAWQ_IMAGES = 200  # labelled training images for the Hessian traces
+
+METHOD_HELP = {
+    "ompq-noise": "ORM importance x quantization error of each width (default)",
+    "ompq": "the paper's Eq. 10 (linear in the bits: layers end at the ends of the range)",
+    "uniform": "the widest uniform width that meets every budget",
+    "size-greedy": "Eq. 10 with equal importance (most bits to the smallest layers)",
+    "hawq": "HAWQ-V2/V3: Hessian trace x ||Q(W) - W||^2 (needs labelled images)",
+    "random": "a random feasible configuration (seeded)",
+}

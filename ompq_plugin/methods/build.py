@@ -1,0 +1,198 @@
+"""One AllocationProblem per method: the same layers, budgets, pins and groups; only the
+objective differs (see :mod:`ompq_plugin.methods.objectives`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ompq_plugin.allocate import (
+    Allocation,
+    AllocationLayer,
+    AllocationProblem,
+    eq10_coefficients,
+    solve,
+)
+from ompq_plugin.budgets import Budgets
+from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
+from ompq_plugin.hw_profiles.profile import HardwareProfile
+from ompq_plugin.layers import ModelLayers
+from ompq_plugin.methods import hawq
+from ompq_plugin.methods.folding import folded_copy
+from ompq_plugin.methods.objectives import (
+    group_noise_values,
+    hawq_values,
+    noise_values,
+    random_values,
+    uniform_order,
+)
+from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_error, weight_sq_error
+
+Pin = tuple[int | None, int | None]
+
+
+def _groups(layers: tuple[AllocationLayer, ...]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, lay in enumerate(layers):
+        groups.setdefault(lay.act_group, []).append(i)
+    return groups
+
+
+def _coefficients(n_layers: int, theta: Mapping[int, float]) -> list[float]:
+    """Eq. 10 coefficients over the scored layers; layers outside (pinned) get 0."""
+    scored = sorted(theta)
+    coeff = [0.0] * n_layers
+    for i, c in zip(scored, eq10_coefficients([theta[i] for i in scored]), strict=True):
+        coeff[i] = c
+    return coeff
+
+
+def _weights(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    modules = dict(model.named_modules())
+    return [modules[n].weight.detach() for n in names]
+
+
+def build_problem(
+    method: str,
+    model: nn.Module,
+    found: ModelLayers,
+    layers: tuple[AllocationLayer, ...],
+    budgets: Budgets,
+    pins: Mapping[str, Pin],
+    hw: HardwareProfile,
+    *,
+    theta: Mapping[int, float],
+    act_errors: Mapping[str, Mapping[int, float]],
+    labelled: tuple[torch.Tensor, torch.Tensor] | None,
+    seed: int | None,
+    timings: dict[str, float],
+) -> AllocationProblem:
+    """The integer program ``method`` solves (``uniform`` pins it further in ``solve_uniform``)."""
+    n = len(layers)
+    names = [lay.name for lay in layers]
+    zeros = (0.0,) * n
+    if method == "ompq":
+        return AllocationProblem(layers, tuple(_coefficients(n, theta)), budgets, pins)
+    if method in ("size-greedy", "uniform"):
+        ones = {i: 1.0 for i in range(n) if names[i] not in pins or method == "uniform"}
+        return AllocationProblem(layers, tuple(_coefficients(n, ones)), budgets, pins)
+    if method == "random":
+        w_val, a_val = random_values(
+            [lay.weight_choices for lay in layers],
+            _group_choices(layers),
+            0 if seed is None else seed,
+        )
+        return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
+    rule = QuantRule(hw.power_of_two_scales, hw.per_channel_weights)
+    start = time.perf_counter()
+    folded = folded_copy(model)
+    weights = _weights(folded, names)
+    if method == "ompq-noise":
+        errors = [
+            {b: weight_error(w, b, rule) for b in lay.weight_choices}
+            for w, lay in zip(weights, layers, strict=True)
+        ]
+        timings["weight_error_s"] = time.perf_counter() - start
+        full = [theta.get(i, 1.0) for i in range(n)]
+        a_err = [_act_errors_of(lay, act_errors, pins) for lay in layers]
+        w_val = noise_values(full, errors)
+        a_val = group_noise_values(_groups(layers), full, a_err)
+        return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
+    if method == "hawq":
+        assert labelled is not None
+        images, labels = labelled
+        tr = hawq.layer_traces(folded, names, images, labels, seed=0 if seed is None else seed)
+        timings["hessian_s"] = tr.seconds
+        timings["hessian_iterations"] = float(tr.iterations)
+        sq = [
+            {b: weight_sq_error(w, b, rule) for b in lay.weight_choices}
+            for w, lay in zip(weights, layers, strict=True)
+        ]
+        w_val = hawq_values(tr.weight_traces, [w.numel() for w in weights], sq)
+        a_val = _hawq_act_values(layers, tr, hw.power_of_two_scales)
+        return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
+    raise OmpqError(f"unknown method {method!r}")
+
+
+def _act_errors_of(
+    lay: AllocationLayer, measured: Mapping[str, Mapping[int, float]], pins: Mapping[str, Pin]
+) -> dict[int, float]:
+    """A layer's measured input errors; zeros where its act width is fixed (nothing to choose)."""
+    if lay.name in measured:
+        return dict(measured[lay.name])
+    if len(lay.act_choices) > 1 and pins.get(lay.name, (None, None))[1] is None:
+        raise OmpqError(f"no input statistics were seen for layer {lay.name}")
+    return dict.fromkeys(lay.act_choices, 0.0)
+
+
+def _group_choices(layers: tuple[AllocationLayer, ...]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for lay in layers:
+        have = out.get(lay.act_group)
+        out[lay.act_group] = (
+            lay.act_choices if have is None else tuple(sorted(set(have) | set(lay.act_choices)))
+        )
+    return out
+
+
+def _hawq_act_values(
+    layers: tuple[AllocationLayer, ...], tr: hawq.HawqTraces, power_of_two: bool
+) -> dict[str, dict[int, float]]:
+    """Per group: sum over its distinct input tensors of ``-(Tr H_x / n_x) ||Q_a(x) - x||^2``."""
+    choices = _group_choices(layers)
+    out: dict[str, dict[int, float]] = {g: dict.fromkeys(c, 0.0) for g, c in choices.items()}
+    seen: dict[str, list[torch.Tensor]] = {}
+    for i, lay in enumerate(layers):
+        x = tr.inputs[i]
+        if any(x is other for other in seen.setdefault(lay.act_group, [])):
+            continue
+        seen[lay.act_group].append(x)
+        sq = act_errors(x, choices[lay.act_group], power_of_two, relative=False)
+        mean_trace = max(tr.input_traces[i], 0.0) / max(x.numel(), 1)
+        for a, e in sq.items():
+            out[lay.act_group][a] -= mean_trace * e
+    return out
+
+
+def solve_uniform(problem: AllocationProblem, time_limit_s: float = 60.0) -> Allocation:
+    """The widest uniform (w, a) over the free layers that meets every budget.
+
+    A layer that cannot run the width takes its widest allowed width below it (or its narrowest
+    one); pins stay as given."""
+    start = time.perf_counter()
+    free = [lay for lay in problem.layers if lay.name not in problem.pins]
+    widths_w = sorted({b for lay in free for b in lay.weight_choices})
+    widths_a = sorted({b for lay in free for b in lay.act_choices})
+    last: InfeasibleBudgetError | None = None
+    for w, a in uniform_order(widths_w, widths_a):
+        pins = dict(problem.pins)
+        for lay in free:
+            pins[lay.name] = (_nearest(lay.weight_choices, w), _nearest(lay.act_choices, a))
+        try:
+            alloc = solve(
+                AllocationProblem(problem.layers, problem.weight_coeff, problem.budgets, pins),
+                time_limit_s=time_limit_s,
+            )
+        except InfeasibleBudgetError as exc:
+            last = exc
+            continue
+        return Allocation(
+            alloc.weight_bits,
+            alloc.act_bits,
+            alloc.objective,
+            alloc.weight_memory_bits,
+            alloc.bops,
+            alloc.max_act_buffer_bits,
+            time.perf_counter() - start,
+            alloc.status,
+            "uniform",
+        )
+    raise last if last is not None else OmpqError("no free layer to allocate")
+
+
+def _nearest(choices: tuple[int, ...], width: int) -> int:
+    below = [b for b in choices if b <= width]
+    return max(below) if below else min(choices)

@@ -1,0 +1,127 @@
+"""Every allocation method through the CLI on the real ResNet-20, and search -> quantize on the
+finn profile's full range."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ompq_plugin.hw_profiles import load_profile
+
+from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.cli import main
+from ompq_plugin.methods import METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_search_round_trip_per_method(method: str, data_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "bits.json"
+    args = [
+        "search",
+        "--data",
+        str(data_dir),
+        "--method",
+        method,
+        "--avg-weight-bits",
+        "3",
+        "--samples",
+        "16",
+        "-o",
+        str(out),
+        "--json",
+    ]
+    if method == "hawq":
+        args += ["--hessian-images", "20"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    config = BitConfig.load(out)
+    assert printed.pop("range_ends") is not None and printed == config.to_json()
+    assert config.method == method and config.average_weight_bits <= 3
+    free = config.layers[1:-1]
+    assert {lb.weight_bits for lb in free} <= set(range(2, 9))
+    if method == "uniform":
+        assert {lb.weight_bits for lb in free} == {2}  # 3 bits on the free layers would not fit
+    if method in ("ompq", "ompq-noise"):
+        assert all(lb.theta is not None for lb in free)
+
+
+def test_cli_random_is_seeded(data_dir, tmp_path, capsys) -> None:
+    bits = []
+    for seed, name in ((3, "a"), (3, "b"), (4, "c")):
+        out = tmp_path / f"{name}.json"
+        assert (
+            main(
+                [
+                    "search",
+                    "--data",
+                    str(data_dir),
+                    "--method",
+                    "random",
+                    "--seed",
+                    str(seed),
+                    "--avg-weight-bits",
+                    "4",
+                    "--samples",
+                    "16",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        bits.append([lb.weight_bits for lb in BitConfig.load(out).layers])
+    capsys.readouterr()
+    assert bits[0] == bits[1] and bits[0] != bits[2]
+
+
+def test_finn_full_range_search_then_quantize(data_dir, tmp_path, capsys) -> None:
+    """The finn profile's whole range: whatever the search picks, quantize builds it."""
+    from ompq_plugin.qmodel_io import load_quantized
+
+    profile = load_profile("finn")
+    assert min(profile.default_bits.weight) >= 2 and min(profile.default_bits.activation) >= 2
+    bits_path, qpath = tmp_path / "bits.json", tmp_path / "q.pt"
+    assert (
+        main(
+            [
+                "search",
+                "--data",
+                str(data_dir),
+                "--profile",
+                "finn",
+                "--avg-weight-bits",
+                "2.5",
+                "--bops-g",
+                "0.5",
+                "--samples",
+                "16",
+                "-o",
+                str(bits_path),
+            ]
+        )
+        == 0
+    )
+    config = BitConfig.load(bits_path)
+    assert min(lb.weight_bits for lb in config.layers) == 2  # the bottom of the range is used
+    assert (
+        main(
+            [
+                "quantize",
+                "--data",
+                str(data_dir),
+                "--bits",
+                str(bits_path),
+                "--calib",
+                "16",
+                "--no-gptq",
+                "-o",
+                str(qpath),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    loaded = load_quantized(qpath)
+    report = loaded.model.ompq_report
+    for lb in config.layers:
+        assert report.weight_bits[lb.name] == lb.weight_bits

@@ -45,7 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit (s)")
     p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
     p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
-    p.add_argument("--orm-plot", metavar="PNG", help="also save the ORM matrix as a heat map")
+    p.add_argument("--orm-plot", metavar="PNG",
+                   help="also save the ORM matrix as a heat map, with the chosen bits per layer "
+                   "(.png, .svg or .pdf)")
+    p.add_argument("--bits-plot", metavar="PNG",
+                   help="also save a per-layer chart of the chosen bits (.png, .svg or .pdf)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +58,22 @@ def _bit_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of bits, e.g. 4,8") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is usable (and distinct) before any work."""
+    from ompq_plugin.fileio import check_writable
+    from ompq_plugin.report import check_plot_path
+
+    check_writable(args.output)
+    paths = {args.output: "-o"}
+    for flag, path in (("--orm-plot", args.orm_plot), ("--bits-plot", args.bits_plot)):
+        if path is None:
+            continue
+        check_plot_path(path, flag)
+        if path in paths:
+            raise OmpqError(f"{flag} {path} is also {paths[path]}; give each output its own name")
+        paths[path] = flag
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not value > 0:
             raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
     pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
+    _check_outputs(args)
     profile = load_profile(args.profile)
     data_dir = resolve_data_dir(args.data)
     model, spec = build_model(args.model, args.weights, data_dir)
@@ -104,16 +125,23 @@ def run(args: argparse.Namespace) -> int:
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
     config.save(args.output)
+    written = [args.output]
     if args.orm_plot:
         from ompq_plugin.report import plot_orm
 
         plot_orm(result.orm, result.layers.names, args.orm_plot,
-                 f"ORM of {spec.name} ({config.orm_form}, N={config.samples})")
+                 f"ORM of {spec.name} ({config.orm_form}, N={config.samples})", config)
+        written.append(args.orm_plot)
+    if args.bits_plot:
+        from ompq_plugin.report import plot_bits
+
+        plot_bits(config, args.bits_plot)
+        written.append(args.bits_plot)
     if args.json:
         print(json.dumps(config.to_json(), indent=2))
     else:
         from ompq_plugin.report import print_config
 
         print_config(config)
-        print(f"wrote {args.output}")
+        print(f"wrote {', '.join(written)}")
     return 0

@@ -50,6 +50,8 @@ def _folder(target: Path) -> Path:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if "inline_container" in str(exc) or "PytorchStreamWriter" in str(exc):
+        return "torch.save stopped part-way"  # torch's zip writer hides the errno
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc) else ''}"
 
 

@@ -47,19 +47,28 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     return [s for action in parser._actions for s in action.option_strings]
 
 
+def close_options(flag: str, options: Sequence[str], n: int = 3) -> list[str]:
+    """Options ``flag`` may have meant: those holding all its words (``--avg-bits`` ->
+    ``--avg-weight-bits``) first, then difflib's closest spellings."""
+    words = set(flag.lstrip("-").split("-"))
+    holding = [o for o in options if o.startswith("--") and words <= set(o[2:].split("-"))]
+    spelled = difflib.get_close_matches(flag, options, n=n, cutoff=0.6)
+    return [*holding, *(o for o in spelled if o not in holding)][:n]
+
+
 def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
-    """'unrecognized arguments: ...' plus the closest option for each mistyped flag."""
+    """'unrecognized arguments: ...' plus the closest options for each mistyped flag."""
     hints = []
     options = _option_strings(parser)
     for extra in extras:
         if not extra.startswith("-"):
             continue
         flag = extra.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
+        close = close_options(flag, options)
         if close:
-            hints.append(f"did you mean {close[0]} (not {flag})?")
-    prog = parser.prog
-    tail = " ".join(hints) if hints else f"see `{prog} --help` for the options"
+            others = f" (or {', '.join(close[1:])})" if close[1:] else ""
+            hints.append(f"did you mean {close[0]}{others} instead of {flag}?")
+    tail = " ".join(hints) if hints else f"see `{parser.prog} --help` for the options"
     return f"unrecognized arguments: {' '.join(extras)}; {tail}"
 
 

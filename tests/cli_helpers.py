@@ -49,6 +49,33 @@ def no_layer():
     return NoLayer()
 '''
 
+def make_files(root: Path, data_dir: Path) -> dict[str, float]:
+    """tiny.py, bits.json, q.pt, q.onnx (QONNX), q_qdq.onnx (QCDQ) in ``root``, built
+    in-process (fast); returns the seconds each step took."""
+    import time
+
+    from ompq_plugin.cli import main
+
+    (root / "tiny.py").write_text(TINY_MODEL)
+    model, d = f"{root / 'tiny.py'}:make", str(data_dir)
+    steps = {
+        "search": ["search", "--model", model, "--data", d, "--samples", "16",
+                   "-o", str(root / "bits.json")],
+        "quantize": ["quantize", "--model", model, "--data", d, "--bits", str(root / "bits.json"),
+                     "--calib", "32", "-o", str(root / "q.pt")],
+        "export": ["export", str(root / "q.pt"), "--data", d, "--images", "2",
+                   "-o", str(root / "q.onnx")],
+        "export_qcdq": ["export", str(root / "q.pt"), "--data", d, "--images", "2",
+                        "--format", "qcdq", "-o", str(root / "q_qdq.onnx")],
+    }
+    seconds = {}
+    for name, argv in steps.items():
+        t0 = time.perf_counter()
+        assert main(argv) == 0, name
+        seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
 RUN_OMPQ = "import sys; from ompq_plugin.cli import main; sys.exit(main())"
 
 

@@ -16,31 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import (
-    TINY_MODEL,
     assert_clean_failure,
+    make_files,
     no_temporary_files,
     run_ompq,
     snapshot,
 )
 
-from ompq_plugin.cli import main
-
 
 @pytest.fixture(scope="module")
 def made(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny.py, bits.json, q.pt, q.onnx (QONNX), q_qdq.onnx (QCDQ): built in-process (fast)."""
     root = tmp_path_factory.mktemp("made")
-    (root / "tiny.py").write_text(TINY_MODEL)
-    model = f"{root / 'tiny.py'}:make"
-    d = str(data_dir)
-    assert main(["search", "--model", model, "--data", d, "--samples", "16",
-                 "-o", str(root / "bits.json")]) == 0
-    assert main(["quantize", "--model", model, "--data", d, "--bits", str(root / "bits.json"),
-                 "--calib", "32", "-o", str(root / "q.pt")]) == 0
-    assert main(["export", str(root / "q.pt"), "--data", d, "--images", "2",
-                 "-o", str(root / "q.onnx")]) == 0
-    assert main(["export", str(root / "q.pt"), "--data", d, "--images", "2", "--format", "qcdq",
-                 "-o", str(root / "q_qdq.onnx")]) == 0
+    make_files(root, data_dir)
     return root
 
 

@@ -128,8 +128,8 @@ def test_interrupt_at_a_random_point_leaves_earlier_files_whole(
         assert (work / out).read_bytes() != b"earlier output"
         return
     result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
-    assert_clean_failure(result, 128 + sig, f"interrupted ({sig.name})", "nothing partial",
-                         "run again: ompq")
+    assert_clean_failure(result, 128 + sig, f"interrupted ({sig.name})",
+                         "no partial or temporary file", "run again: ompq")
     assert snapshot(work) == before  # the earlier output byte-identical, no temporary file
     if command == "export":
         rerun = run_ompq(data_dir, *_continue_command(stderr), cwd=work)

@@ -137,7 +137,7 @@ def interrupt_message(exc: KeyboardInterrupt, command_line: list[str]) -> tuple[
     hint = exc.hint if isinstance(exc, Interrupted) else ""
     if not hint:
         hint = (
-            "files reported as written are complete, nothing partial was left; "
+            "every output is either complete or untouched (no partial or temporary file); "
             f"to finish, run again: {shlex.join(command_line)}"
         )
     name = signal.Signals(signum).name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def run_export(args: argparse.Namespace) -> int:
             )
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
+        print(f"wrote {output}", file=sys.stderr)  # stdout stays pure JSON
     else:
         print(report.summary())
     return 0

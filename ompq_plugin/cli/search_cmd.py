@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.bits_plot)
     if args.json:
         print(json.dumps(config.to_json(), indent=2))
+        print(f"wrote {', '.join(written)}", file=sys.stderr)  # stdout stays pure JSON
     else:
         from ompq_plugin.report import print_config
 

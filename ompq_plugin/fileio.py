@@ -32,15 +32,28 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Delay SIGINT / SIGTERM until the block ends (main thread; elsewhere a no-op)."""
+    """Delay SIGINT / SIGTERM until the block ends (main thread; elsewhere a no-op).
+
+    The handlers are swapped for one that only records the signal, which is raised again once
+    the block is over. (A signal mask would not do: it is per thread, and torch's worker threads
+    would take the signal instead.)
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    pending: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    old = {sig: signal.signal(sig, record) for sig in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def _folder(target: Path) -> Path:

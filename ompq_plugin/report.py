@@ -199,14 +199,14 @@ def bits_figure(config: BitConfig, title: str = "") -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` atomically, in the format of the file's extension; close it."""
+def save_figure(fig: Figure, path: str | os.PathLike[str], fmt: str | None = None) -> Path:
+    """Write ``fig`` atomically in ``fmt`` (default: the file's extension); close it."""
     from ompq_plugin.fileio import atomic_path
 
-    suffix = Path(path).suffix.lower().lstrip(".") or "png"
+    fmt = fmt or Path(path).suffix.lower().lstrip(".") or "png"
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
     return Path(path)

@@ -185,14 +185,19 @@ def _file_size_limit(limit: int):  # noqa: ANN202
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-@pytest.mark.parametrize("command", ["quantize", "export"])
+@pytest.mark.parametrize("command", ["quantize", "export", "search"])
 def test_full_disk(data_dir: Path, work: Path, command: str) -> None:
-    """A file-size limit below the output's size: the write fails, the old output stays."""
-    out = "q2.pt" if command == "quantize" else "x.onnx"
+    """A file-size limit below the output's size: the write fails, the old outputs stay. The
+    search's bits.json would fit: it must not appear without the picture (all or none)."""
+    out = {"quantize": "q2.pt", "export": "x.onnx", "search": "b.json"}[command]
     (work / out).write_bytes(b"earlier output")
     before = snapshot(work)
-    args = (["quantize", "--bits", "bits.json", "--calib", "8", "-o", out] if command == "quantize"
-            else ["export", "q.pt", "--images", "2", "-o", out])
+    args = {
+        "quantize": ["quantize", "--bits", "bits.json", "--calib", "8", "-o", out],
+        "export": ["export", "q.pt", "--images", "2", "-o", out],
+        "search": ["search", "--model", f"{work / 'tiny.py'}:make", "--samples", "16",
+                   "-o", out, "--orm-plot", "orm.png"],
+    }[command]
     proc = run_ompq(data_dir, *args, cwd=work, preexec=_file_size_limit(4096))
     # the export's first write is Brevitas's raw graph in a temporary folder
     assert_clean_failure(proc, 1, "could not write", "file-size limit", "nothing was written")

@@ -124,19 +124,25 @@ def run(args: argparse.Namespace) -> int:
     config = result.config
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
-    config.save(args.output)
-    written = [args.output]
+    figures = {}  # drawn first: a failure there leaves no file at all
     if args.orm_plot:
-        from ompq_plugin.report import plot_orm
+        from ompq_plugin.report import orm_figure
 
-        plot_orm(result.orm, result.layers.names, args.orm_plot,
-                 f"ORM of {spec.name} ({config.orm_form}, N={config.samples})", config)
-        written.append(args.orm_plot)
+        figures[args.orm_plot] = orm_figure(
+            result.orm, result.layers.names,
+            f"ORM of {spec.name} ({config.orm_form}, N={config.samples})", config)
     if args.bits_plot:
-        from ompq_plugin.report import plot_bits
+        from ompq_plugin.report import bits_figure
 
-        plot_bits(config, args.bits_plot)
-        written.append(args.bits_plot)
+        figures[args.bits_plot] = bits_figure(config)
+    from ompq_plugin.fileio import atomic_paths
+    from ompq_plugin.report import save_figure
+
+    written = [args.output, *figures]
+    with atomic_paths(*written) as (bits_tmp, *figure_tmps):  # all files appear, or none
+        config.save(bits_tmp)
+        for (path, fig), tmp in zip(figures.items(), figure_tmps, strict=True):
+            save_figure(fig, tmp, fmt=path.rsplit(".", 1)[-1].lower())
     if args.json:
         print(json.dumps(config.to_json(), indent=2))
         print(f"wrote {', '.join(written)}", file=sys.stderr)  # stdout stays pure JSON

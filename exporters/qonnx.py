@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.fileio import atomic_path
+from ompq_plugin.fileio import atomic_path, write_error
 
 from . import verify as V
 
@@ -316,6 +316,8 @@ def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tens
             fn(qmodel, args=image, export_path=str(path), dynamo=False)
     except OmpqError:
         raise
+    except OSError as exc:  # disk full or a file-size limit while writing the raw graph
+        raise write_error(path, exc) from None
     except Exception as exc:  # Brevitas / torch.onnx raise many types
         raise OmpqError(
             f"Brevitas export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

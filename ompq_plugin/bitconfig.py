@@ -124,6 +124,12 @@ class BitConfig:
     def from_json(cls, data: dict[str, Any], source: str = "BitConfig") -> BitConfig:
         try:
             version = data["schema_version"]
+            if isinstance(version, int) and version > SCHEMA_VERSION:
+                raise OmpqError(
+                    f"{source}: schema_version {version} was written by a newer ompq (this one "
+                    f"reads {SCHEMA_VERSION}); upgrade ompq-plugin, or re-run this version's "
+                    "`ompq search` to regenerate it"
+                )
             if version != SCHEMA_VERSION:
                 raise OmpqError(
                     f"{source}: schema_version {version} is not supported (this tool reads "

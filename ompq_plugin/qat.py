@@ -6,10 +6,11 @@ zero padding, horizontal flip). BatchNorm statistics are frozen: ``quantize`` ha
 every BatchNorm into its conv, so there are none left to update (any BatchNorm a caller adds is
 kept in eval mode). The frozen 0/1 shortcut convs have ``requires_grad=False`` and are not trained.
 
-After every epoch a checkpoint (model, optimizer, scheduler, epoch, BitConfig, RNG states,
-history) is written atomically; ``resume=True`` continues from it. Data-parallel training runs
-under ``torchrun`` (DistributedDataParallel, gloo on CPU, nccl on GPU): every process takes its
-share of each epoch's permutation, and only rank 0 writes files and shows the progress bar.
+After every epoch a checkpoint (model, optimizer, learning-rate plan, epoch, BitConfig, RNG
+states, history) is written atomically; ``resume=True`` continues from it (what a resume with
+other options means: :mod:`ompq_plugin.qat_plan`). Data-parallel training runs under
+``torchrun`` (DistributedDataParallel, gloo on CPU, nccl on GPU): every process takes its share
+of each epoch's permutation, and only rank 0 writes files and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ from torch import nn
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import atomic_path
+from ompq_plugin.qat_plan import CosineSegment, ResumePoint, TrainingPlan, resume_plan
 
 CHECKPOINT_FORMAT = "ompq-qat-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: a TrainingPlan instead of a torch scheduler state
 
 
 @dataclass
@@ -195,19 +198,19 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, epoch: int, bits: BitConfig | None, gen: torch.Generator,
-                     history: list[EpochStats], meta: dict[str, Any]) -> None:
+                     plan: TrainingPlan, epoch: int, bits: BitConfig | None,
+                     gen: torch.Generator, history: list[EpochStats]) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
         "epoch": epoch,
+        "plan": plan.to_json(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "bitconfig": bits.to_json() if bits is not None else None,
         "rng_torch": torch.get_rng_state(),
         "rng_gen": gen.get_state(),
         "history": [asdict(h) for h in history],
-        "meta": meta,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -224,7 +227,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise OmpqError(f"{path} is not an ompq training checkpoint; delete it or pass another")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise OmpqError(
+            f"checkpoint {path} has version {state.get('version')} (this ompq reads "
+            f"{CHECKPOINT_VERSION}): delete it and run without --resume to start again"
+        )
     return state
+
+
+def resume_point(state: dict[str, Any]) -> ResumePoint:
+    """Epoch and plan of a loaded checkpoint."""
+    return ResumePoint(int(state["epoch"]), TrainingPlan.from_json(state["plan"]))
+
+
+def read_resume_point(path: str | os.PathLike[str]) -> ResumePoint:
+    return resume_point(load_checkpoint(path))
 
 
 def finetune(
@@ -247,6 +264,7 @@ def finetune(
     eval_batch_size: int = 500,
     stop_after: int | None = None,
     learn_scales: bool = False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
     """Fine-tune ``qmodel`` in place; returns one :class:`EpochStats` per epoch run so far.
 
@@ -255,6 +273,7 @@ def finetune(
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel and
     ``batch_size`` is per process. ``stop_after`` ends the run after that many epochs of this
     call (the schedule still spans ``epochs``), to time-box a run and ``resume`` it later.
+    ``on_epoch`` is called on the main process after each epoch, once its checkpoint is written.
 
     By default only the layers' weights and biases are trained; the quantizer scales keep their
     calibrated values (``learn_scales=True`` trains them too). Measured on ResNet-20 at a mixed
@@ -265,6 +284,8 @@ def finetune(
         raise OmpqError(f"--epochs must be at least 1, got {epochs}")
     if not lr > 0:
         raise OmpqError(f"the learning rate must be positive, got {lr}")
+    if batch_size < 1:
+        raise OmpqError(f"--batch-size must be at least 1, got {batch_size}")
     images, labels = train
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise OmpqError("training data is empty or images and labels differ in length")
@@ -280,6 +301,22 @@ def finetune(
         mean = torch.tensor(norm[0], dtype=torch.float32).view(1, c, 1, 1)
         std = torch.tensor(norm[1], dtype=torch.float32).view(1, c, 1, 1)
 
+    steps_per_epoch = math.ceil((images.shape[0] // d.world) / batch_size)
+    plan = TrainingPlan(epochs, lr, batch_size, steps_per_epoch, seed, d.world,
+                        CosineSegment(0, lr, epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(seed + 7919 * d.rank)
+    history: list[EpochStats] = []
+    start_epoch = 0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        plan = resume_plan(resume_point(state), epochs, lr, batch_size, steps_per_epoch, seed,
+                           d.world, where=f"checkpoint {ckpt_path}")
+        if bits is not None and state.get("bitconfig") not in (None, bits.to_json()):
+            raise OmpqError(f"checkpoint {ckpt_path} was trained with another BitConfig; "
+                            "delete it or pass the matching model")
+
     model: nn.Module = qmodel
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -290,26 +327,13 @@ def finetune(
     optimizer = torch.optim.SGD(
         _param_groups(qmodel, weight_decay, learn_scales), lr=lr, momentum=momentum, nesterov=False
     )
-    steps_per_epoch = math.ceil((images.shape[0] // d.world) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=epochs * steps_per_epoch
-    )
-    gen = torch.Generator().manual_seed(seed + 7919 * d.rank)
-    history: list[EpochStats] = []
-    start_epoch = 0
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if resume and ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
+    if state is not None:
         qmodel.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
         gen.set_state(state["rng_gen"])
         history = [EpochStats(**h) for h in state["history"]]
         start_epoch = int(state["epoch"])
-        if bits is not None and state.get("bitconfig") not in (None, bits.to_json()):
-            raise OmpqError(f"checkpoint {ckpt_path} was trained with another BitConfig; "
-                            "delete it or pass the matching model")
 
     criterion = nn.CrossEntropyLoss()
     with _progress(progress and d.main) as bar:
@@ -324,6 +348,7 @@ def finetune(
                 task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch,
                                     loss=0.0, acc=0.0)
             loss_sum = correct = seen = 0.0
+            step = epoch * steps_per_epoch
             for start in range(0, order.numel(), batch_size):
                 idx = order[start : start + batch_size]
                 x = images[idx]
@@ -331,12 +356,14 @@ def finetune(
                     x = augment_batch(x, gen)
                 x = _normalise(x, mean, std).to(device)
                 y = labels[idx].to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = plan.schedule.lr(step)
                 out = _logits(model(x))
                 loss = criterion(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                step += 1
                 loss_sum += loss.item() * y.numel()
                 correct += float((out.argmax(1) == y).sum())
                 seen += y.numel()
@@ -348,7 +375,7 @@ def finetune(
                 val_acc = _evaluate(qmodel, val[0], val[1], mean, std, d, eval_batch_size)
             stats = EpochStats(
                 epoch=epoch + 1,
-                lr=float(optimizer.param_groups[0]["lr"]),
+                lr=plan.schedule.lr(step - 1),
                 train_loss=loss_sum / max(seen, 1),
                 train_acc=100.0 * correct / max(seen, 1),
                 val_acc=val_acc,
@@ -362,8 +389,10 @@ def finetune(
                                                  else "")
                 )
             if ckpt_path is not None and d.main:
-                _save_checkpoint(ckpt_path, qmodel, optimizer, scheduler, epoch + 1, bits, gen,
-                                 history, {"world_size": d.world, "seed": seed})
+                _save_checkpoint(ckpt_path, qmodel, optimizer, plan, epoch + 1, bits, gen,
+                                 history)
+            if on_epoch is not None and d.main:
+                on_epoch(stats)
             _barrier(d)
     qmodel.eval()
     if d.started_here:

@@ -121,13 +121,21 @@ def read_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise OmpqError(f"{path} is not an ompq quantized model file; {fix}")
-    if payload.get("version") != VERSION:
+    version = payload.get("version")
+    if isinstance(version, int) and version > VERSION:
         raise OmpqError(
-            f"{path} has format version {payload.get('version')}, this tool reads {VERSION}; {fix}"
+            f"{path} has format version {version}, written by a newer ompq (this one reads "
+            f"{VERSION}); upgrade ompq-plugin, or {fix} of this version"
         )
+    if version != VERSION:
+        raise OmpqError(f"{path} has format version {version}, this tool reads {VERSION}; {fix}")
     for key in ("model_name", "bitconfig", "profile", "state_dict"):
         if key not in payload:
             raise OmpqError(f"{path} lacks {key!r} (truncated or edited?); {fix}")
+    for name, value in payload["state_dict"].items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            raise OmpqError(f"{path}: tensor {name} contains NaN or Inf (a diverged training "
+                            f"run or a damaged file); {fix} from finite float weights")
     return payload
 
 

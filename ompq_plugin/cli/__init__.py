@@ -1,24 +1,82 @@
 """The ``ompq`` command: a thin layer over the public API.
 
 Each sub-command lives in its own module with ``add_parser(subparsers)``; the parser's
-``func`` runs it. Exit codes: 0 success, 1 user error (one line on stderr), 2 bad usage.
+``func`` runs it. Exit codes: 0 success, 1 user error (one line on stderr), 2 bad usage,
+130 / 143 interrupted by SIGINT / SIGTERM (files already reported as written stay complete, no
+partial or temporary file is left, and the message says how to continue).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib
+import shlex
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
-from ompq_plugin.errors import OmpqError
+from ompq_plugin.errors import Interrupted, OmpqError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with difflib suggestions (``suggest_on_error`` only exists from Python 3.14)."""
+
+    def error(self, message: str) -> NoReturn:
+        if "invalid choice:" in message:
+            message += _suggest_choice(message)
+        super().error(message)
+
+
+def _suggest_choice(message: str) -> str:
+    # argparse's text: "argument X: invalid choice: 'val' (choose from 'a', 'b')"
+    try:
+        bad = message.split("invalid choice: ", 1)[1].split(" (choose from ", 1)
+        value = bad[0].strip("'\"")
+        choices = [c.strip(" '\")") for c in bad[1].split(",")]
+    except IndexError:
+        return ""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def close_options(flag: str, options: Sequence[str], n: int = 3) -> list[str]:
+    """Options ``flag`` may have meant: those holding all its words (``--avg-bits`` ->
+    ``--avg-weight-bits``) first, then difflib's closest spellings."""
+    words = set(flag.lstrip("-").split("-"))
+    holding = [o for o in options if o.startswith("--") and words <= set(o[2:].split("-"))]
+    spelled = difflib.get_close_matches(flag, options, n=n, cutoff=0.6)
+    return [*holding, *(o for o in spelled if o not in holding)][:n]
+
+
+def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """'unrecognized arguments: ...' plus the closest options for each mistyped flag."""
+    hints = []
+    options = _option_strings(parser)
+    for extra in extras:
+        if not extra.startswith("-"):
+            continue
+        flag = extra.split("=", 1)[0]
+        close = close_options(flag, options)
+        if close:
+            others = f" (or {', '.join(close[1:])})" if close[1:] else ""
+            hints.append(f"did you mean {close[0]}{others} instead of {flag}?")
+    tail = " ".join(hints) if hints else f"see `{parser.prog} --help` for the options"
+    return f"unrecognized arguments: {' '.join(extras)}; {tail}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ompq_plugin.cli import demo_cmd, export_cmd, profiles_cmd, quant_cmd, search_cmd
 
-    parser = argparse.ArgumentParser(prog="ompq", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ompq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo_cmd, profiles_cmd, search_cmd, quant_cmd, export_cmd):
         module.add_parser(sub)
@@ -26,7 +84,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _sub_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported with the sub-command's own usage."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = _sub_parser(parser, args.command)
+        sub.error(unrecognized_message(sub, extras))
+    args.command_line = ["ompq", *argv]
+    return args
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted() -> Iterator[None]:
+    """SIGINT / SIGTERM raise :class:`Interrupted` (so every ``finally`` and temporary-file
+    clean-up runs); a file-size limit makes writes fail with EFBIG instead of killing us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    wanted = {signal.SIGINT: interrupt, signal.SIGTERM: interrupt, signal.SIGXFSZ: signal.SIG_IGN}
+    old = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _quiet_libraries() -> None:
     # Brevitas announces optional kernels and its own deprecations on import; not the user's issue.
     warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
     warnings.filterwarnings("ignore", message=".*brevitas.fx is deprecated.*")
@@ -37,16 +132,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         onnxruntime.set_default_logger_severity(3)
     except ImportError:
         pass
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except OmpqError as exc:
-        print(f"ompq: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ompq: interrupted", file=sys.stderr)
-        return 130
+
+
+def interrupt_message(exc: KeyboardInterrupt, command_line: list[str]) -> tuple[str, int]:
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    hint = exc.hint if isinstance(exc, Interrupted) else ""
+    if not hint:
+        hint = (
+            "every output is either complete or untouched (no partial or temporary file); "
+            f"to finish, run again: {shlex.join(command_line)}"
+        )
+    name = signal.Signals(signum).name
+    return f"ompq: interrupted ({name}); {hint}", 128 + int(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with _signals_raise_interrupted():
+        try:
+            _quiet_libraries()
+            args = parse(build_parser(), argv)
+            return int(args.func(args) or 0)
+        except OmpqError as exc:
+            print(f"ompq: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # one not foreseen closer to the cause
+            where = f" {exc.filename}" if exc.filename else ""
+            print(
+                f"ompq: error: cannot access{where} ({exc.strerror or exc}); check the path, "
+                "its permissions and the free disk space",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt as exc:
+            message, code = interrupt_message(exc, ["ompq", *argv])
+            print(message, file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

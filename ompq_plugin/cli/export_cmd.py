@@ -42,30 +42,54 @@ def _images(norm: tuple[list[float], list[float]] | None, data_dir: str | None, 
     return data.normalise(split.images[:n], tuple(mean), tuple(std))
 
 
+def _check_export_args(args: argparse.Namespace) -> Path:
+    """Every check that needs no model: contradictory flags, inputs, the output path."""
+    from ompq_plugin.cli.inputs import require_quantized_model_file
+    from ompq_plugin.fileio import check_writable
+
+    if "hls4ml" in args.check and args.format != "qonnx":
+        raise OmpqError(f"--check hls4ml needs --format qonnx (hls4ml reads QONNX, not "
+                        f"{args.format}); drop --check hls4ml or pass --format qonnx")
+    if args.images < 1:
+        raise OmpqError(f"--images must be at least 1, got {args.images}; e.g. --images 8")
+    require_quantized_model_file(args.qmodel, "export")
+    output = check_writable(args.output)
+    if output.exists() and output.resolve() == Path(args.qmodel).resolve():
+        raise OmpqError(f"-o {output} is the input model file; pass another output path")
+    return output
+
+
 def run_export(args: argparse.Namespace) -> int:
+    output = _check_export_args(args)  # before the heavy imports: a refusal takes a moment
+
     from ompq_plugin.exporters import export_qcdq, export_qonnx
+    from ompq_plugin.fileio import atomic_path
     from ompq_plugin.qmodel_io import load_quantized
 
     loaded = load_quantized(args.qmodel)
     qmodel, bits = loaded.model, loaded.bits
     images = _images(loaded.meta.get("norm"), args.data, args.images)
     export = export_qonnx if args.format == "qonnx" else export_qcdq
-    report = export(qmodel, Path(args.output), images, bits)
-    if "hls4ml" in args.check:
-        if args.format != "qonnx":
-            raise OmpqError("--check hls4ml needs --format qonnx")
-        from ompq_plugin.exporters.hls4ml_check import check_hls4ml
+    # The file appears only when every requested check has passed.
+    with atomic_path(output) as tmp:
+        report = export(qmodel, tmp, images, bits)
+        if "hls4ml" in args.check:
+            from ompq_plugin.exporters.hls4ml_check import check_hls4ml
 
-        report.hls4ml = check_hls4ml(report.path, images)
+            report.hls4ml = check_hls4ml(tmp, images)
+        report.path = output
+        if report.hls4ml is not None and not report.hls4ml.bit_exact:
+            print(report.hls4ml.summary())
+            raise OmpqError(
+                f"hls4ml emulation differs from qonnx "
+                f"({report.hls4ml.first_diverging or 'final output'}), so {output} was not "
+                "written; export without --check hls4ml to get the qonnx-verified file anyway"
+            )
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
+        print(f"wrote {output}", file=sys.stderr)  # stdout stays pure JSON
     else:
         print(report.summary())
-    if report.hls4ml is not None and not report.hls4ml.bit_exact:
-        print(f"ompq: error: hls4ml emulation differs from qonnx "
-              f"({report.hls4ml.first_diverging or 'final output'}); the ONNX file is valid "
-              "but not bit-exact in hls4ml", file=sys.stderr)
-        return 1
     return 0
 
 

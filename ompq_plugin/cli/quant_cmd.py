@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
-import torch
+from ompq_plugin.errors import Interrupted, OmpqError
 
-from ompq_plugin.errors import OmpqError
+DEFAULT_LR = 0.002
 
 
 def add_parser(sub: Any) -> None:
@@ -32,21 +34,27 @@ def add_parser(sub: Any) -> None:
     t.add_argument("qmodel", help="file written by `ompq quantize`")
     t.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
     t.add_argument("--epochs", type=int, required=True)
-    t.add_argument("--lr", type=float, default=0.002,
-                   help="fine-tuning rate (default %(default)s: bench/accuracy.py measured it)")
+    t.add_argument("--lr", type=float, default=None,
+                   help=f"fine-tuning rate (default {DEFAULT_LR}: bench/accuracy.py measured it; "
+                   "with --resume: the checkpoint's)")
     t.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
     t.add_argument("--train-variant", choices=("jpeg", "exact"), default="exact",
                    help="training images: 5,085 exact-pixel (default) or 50,000 JPEG "
                    "round-tripped (more images, but they pull the model towards JPEG pixels)")
     t.add_argument("--train-subset", type=int, help="use only the first N training images")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in OUTPUT.ckpt (with the same --epochs it "
+                   "repeats an uninterrupted run; another --epochs re-plans the cosine from the "
+                   "saved epoch down to 0, so the rate never rises)")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one line per epoch (for logs)")
     t.add_argument("-o", "--output", required=True, help="quantized model file to write")
     t.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="top-1 accuracy of a float or quantized model")
-    e.add_argument("qmodel", nargs="?", help="file written by `ompq quantize` / `ompq train`")
+    e = sub.add_parser("eval", help="top-1 accuracy of a float, quantized or exported model")
+    e.add_argument("qmodel", nargs="?", help="file written by `ompq quantize` / `ompq train`, "
+                   "or an ONNX file (QONNX runs in qonnx, QCDQ in onnxruntime)")
     e.add_argument("--model", help="float model: registry name or path/to/file.py:factory")
     e.add_argument("--weights", help="float checkpoint (default: the data folder's, if any)")
     e.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
@@ -68,6 +76,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         normalise,
         resolve_data_dir,
     )
+    from ompq_plugin.fileio import check_writable
     from ompq_plugin.hw_profiles.loader import load_profile
     from ompq_plugin.models import build_model
     from ompq_plugin.ptq import calibrate
@@ -75,7 +84,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ompq_plugin.quantizer import quantize
 
     if args.calib < 1:
-        raise OmpqError(f"--calib must be at least 1, got {args.calib}")
+        raise OmpqError(f"--calib must be at least 1, got {args.calib}; pass e.g. --calib 256")
+    check_writable(args.output)
     data_dir = resolve_data_dir(args.data)
     bits = BitConfig.load(args.bits)
     profile = load_profile(args.profile or bits.profile)
@@ -94,9 +104,66 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_hint(args: argparse.Namespace, saved_epoch: int, ckpt: Path) -> str:
+    """What is on disk after an interrupted `ompq train`, and the command that continues."""
+    line = list(getattr(args, "command_line", ["ompq", "train"]))
+    not_written = f"{args.output} was not written"
+    if saved_epoch == 0:
+        again = shlex.join([a for a in line if a != "--resume"])
+        return f"no epoch finished, {not_written}; start again with: {again}"
+    resume = shlex.join(line if "--resume" in line else [*line, "--resume"])
+    return (f"{ckpt} holds epoch {saved_epoch} of {args.epochs}, {not_written}; "
+            f"continue with: {resume}")
+
+
+def _check_checkpoint(args: argparse.Namespace, ckpt: Path) -> Any:
+    """The checkpoint to resume (or None), refusing what would lose or repeat work."""
+    from ompq_plugin.qat import read_resume_point
+    from ompq_plugin.qat_plan import check_epochs
+
+    line = shlex.join(getattr(args, "command_line", ["ompq", "train"]))
+    if not args.resume:
+        if not ckpt.exists():
+            return None
+        point = read_resume_point(ckpt)
+        if not point.finished:
+            raise OmpqError(
+                f"{ckpt} holds an unfinished run (epoch {point.epoch} of {point.plan.epochs}); "
+                f"continue it with `{line} --resume`, or delete it to start again"
+            )
+        return None
+    if not ckpt.exists():
+        raise OmpqError(f"--resume: checkpoint {ckpt} not found (it is OUTPUT.ckpt, so -o must "
+                        "name the same output as the run to continue); or drop --resume")
+    point = read_resume_point(ckpt)
+    check_epochs(point, args.epochs, where=f"checkpoint {ckpt}", output=args.output)
+    if point.finished and Path(args.output).exists():
+        raise OmpqError(
+            f"checkpoint {ckpt} already finished all {point.plan.epochs} epochs and "
+            f"{args.output} exists; nothing to run, nothing was written. To train further, "
+            f"fine-tune it in a new run: `ompq train {args.output} --epochs N -o NEW`"
+        )
+    return point
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from ompq_plugin.cli.inputs import require_quantized_model_file
+    from ompq_plugin.fileio import check_writable
+
+    if args.epochs < 1:
+        raise OmpqError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.lr is not None and not args.lr > 0:
+        raise OmpqError(f"--lr must be positive, got {args.lr}; e.g. --lr {DEFAULT_LR}")
+    if args.batch_size < 1:
+        raise OmpqError(f"--batch-size must be at least 1, got {args.batch_size}")
+    require_quantized_model_file(args.qmodel, "train")
+    check_writable(args.output)
+    ckpt = check_writable(f"{args.output}.ckpt", flag="-o (its checkpoint OUTPUT.ckpt)")
+    point = _check_checkpoint(args, ckpt)
+    lr = args.lr if args.lr is not None else point.plan.lr if point else DEFAULT_LR
+
     from ompq_plugin.data import cifar_folder, load_cifar10, resolve_data_dir
-    from ompq_plugin.qat import finetune
+    from ompq_plugin.qat import EpochStats, finetune
     from ompq_plugin.qmodel_io import load_quantized, save_quantized
 
     data_dir = resolve_data_dir(args.data)
@@ -112,38 +179,73 @@ def run_train(args: argparse.Namespace) -> int:
             raise OmpqError(f"--train-subset must be 1..{len(labels)}, got {args.train_subset}")
         images, labels = images[: args.train_subset], labels[: args.train_subset]
     val = load_cifar10(cifar_folder(data_dir, "exact"), "test")
-    history = finetune(
-        loaded.model, (images, labels), (val.images, val.labels), args.epochs, args.lr,
-        batch_size=args.batch_size, norm=(tuple(norm[0]), tuple(norm[1])), seed=args.seed,
-        checkpoint=Path(f"{args.output}.ckpt"), resume=args.resume, bits=loaded.bits,
-        progress=not args.no_progress,
-    )
-    import torch.distributed as dist
+    if point is not None:
+        planned = point.plan.epochs
+        print(f"resuming {ckpt}: epoch {point.epoch} of {planned} done"
+              + ("; all done, writing its model" if point.finished else
+                 f"; continuing at epoch {point.epoch + 1} of {args.epochs}")
+              + ("" if args.epochs == planned else
+                 f" (cosine re-planned from the saved rate down to 0 at epoch {args.epochs}; "
+                 f"the checkpoint planned {planned})"), flush=True)
+    saved = {"epoch": point.epoch if point else 0}
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        meta = dict(loaded.meta)
-        meta["qat"] = {"epochs": args.epochs, "lr": args.lr, "train_variant": args.train_variant,
-                       "train_images": len(labels),
-                       "history": [h.__dict__ for h in history]}
-        save_quantized(args.output, loaded.model, loaded.model_name, loaded.bits,
-                       loaded.profile, meta)
-        print(f"wrote {args.output}")
+    def on_epoch(stats: EpochStats) -> None:
+        saved["epoch"] = stats.epoch
+        if args.no_progress:
+            val_text = "" if stats.val_acc is None else f", val acc {stats.val_acc:.2f}%"
+            print(f"epoch {stats.epoch}/{args.epochs}: loss {stats.train_loss:.3f}, train acc "
+                  f"{stats.train_acc:.2f}%{val_text}, lr {stats.lr:.3g} ({stats.seconds:.1f} s); "
+                  f"checkpoint {ckpt}", flush=True)
+
+    try:
+        history = finetune(
+            loaded.model, (images, labels), (val.images, val.labels), args.epochs, lr,
+            batch_size=args.batch_size, norm=(tuple(norm[0]), tuple(norm[1])), seed=args.seed,
+            checkpoint=ckpt, resume=args.resume, bits=loaded.bits,
+            progress=not args.no_progress, on_epoch=on_epoch,
+        )
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            meta = dict(loaded.meta)
+            meta["qat"] = {"epochs": args.epochs, "lr": lr, "train_variant": args.train_variant,
+                           "train_images": len(labels),
+                           "history": [h.__dict__ for h in history]}
+            save_quantized(args.output, loaded.model, loaded.model_name, loaded.bits,
+                           loaded.profile, meta)
+            last = history[-1] if history else None
+            acc = "" if last is None or last.val_acc is None else (
+                f" (val acc {last.val_acc:.2f}% after epoch {last.epoch})")
+            print(f"wrote {args.output}{acc}, checkpoint {ckpt}")
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, _train_hint(args, saved["epoch"], ckpt)) from None
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ompq_plugin.cli.inputs import file_kind
     from ompq_plugin.data import cifar_folder, load_cifar10, resolve_data_dir
     from ompq_plugin.evaluation import evaluate
     from ompq_plugin.models import build_model
     from ompq_plugin.qmodel_io import load_quantized
 
     if (args.qmodel is None) == (args.model is None):
-        raise OmpqError("pass either a quantized model file or --model (with optional --weights)")
+        raise OmpqError("pass either a model file (quantized .pt or exported .onnx) or --model "
+                        "(with optional --weights), not both")
+    onnx_file = args.qmodel is not None and file_kind(args.qmodel) == "onnx"
     data_dir = resolve_data_dir(args.data)
     test = load_cifar10(cifar_folder(data_dir, args.variant), "test")
+    if onnx_file:
+        from ompq_plugin.onnx_eval import evaluate_onnx
+
+        result = evaluate_onnx(args.qmodel, test.images.numpy(), test.labels.numpy())
+        print(f"{args.qmodel} ({result.runtime}): top-1 {result.top1:.2f}% on {result.images} "
+              f"{args.variant} test images (normalised with {result.norm_source})")
+        return 0
     if args.qmodel is not None:
         loaded = load_quantized(args.qmodel)
-        model: torch.nn.Module = loaded.model
+        model: Any = loaded.model
         norm = loaded.meta.get("norm")
         if norm is None:
             raise OmpqError(f"{args.qmodel} has no normalisation stored; re-create it")

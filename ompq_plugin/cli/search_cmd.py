@@ -52,7 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit (s)")
     p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
     p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
-    p.add_argument("--orm-plot", metavar="PNG", help="also save the ORM matrix as a heat map")
+    p.add_argument("--orm-plot", metavar="PNG",
+                   help="also save the ORM matrix as a heat map, with the chosen bits per layer "
+                   "(.png, .svg or .pdf)")
+    p.add_argument("--bits-plot", metavar="PNG",
+                   help="also save a per-layer chart of the chosen bits (.png, .svg or .pdf)")
     p.set_defaults(func=run)
 
 
@@ -61,6 +65,22 @@ def _bit_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of bits, e.g. 4,8") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is usable (and distinct) before any work."""
+    from ompq_plugin.fileio import check_writable
+    from ompq_plugin.report import check_plot_path
+
+    check_writable(args.output)
+    paths = {args.output: "-o"}
+    for flag, path in (("--orm-plot", args.orm_plot), ("--bits-plot", args.bits_plot)):
+        if path is None:
+            continue
+        check_plot_path(path, flag)
+        if path in paths:
+            raise OmpqError(f"{flag} {path} is also {paths[path]}; give each output its own name")
+        paths[path] = flag
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not value > 0:
             raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
     pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
+    _check_outputs(args)
     profile = load_profile(args.profile)
     data_dir = resolve_data_dir(args.data)
     model, spec = build_model(args.model, args.weights, data_dir)
@@ -114,15 +135,29 @@ def run(args: argparse.Namespace) -> int:
     config = result.config
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
-    config.save(args.output)
+    figures = {}  # drawn first: a failure there leaves no file at all
     if args.orm_plot:
-        from ompq_plugin.report import plot_orm
+        from ompq_plugin.report import orm_figure
 
-        plot_orm(result.orm, result.layers.names, args.orm_plot,
-                 f"ORM of {spec.name} ({config.orm_form}, N={config.samples})")
+        figures[args.orm_plot] = orm_figure(
+            result.orm, result.layers.names,
+            f"ORM of {spec.name} ({config.orm_form}, N={config.samples})", config)
+    if args.bits_plot:
+        from ompq_plugin.report import bits_figure
+
+        figures[args.bits_plot] = bits_figure(config)
+    from ompq_plugin.fileio import atomic_paths
+    from ompq_plugin.report import save_figure
+
     ends = result.range_ends
+    written = [args.output, *figures]
+    with atomic_paths(*written) as (bits_tmp, *figure_tmps):  # all files appear, or none
+        config.save(bits_tmp)
+        for (path, fig), tmp in zip(figures.items(), figure_tmps, strict=True):
+            save_figure(fig, tmp, fmt=path.rsplit(".", 1)[-1].lower())
     if args.json:
         print(json.dumps({**config.to_json(), "range_ends": ends}, indent=2))
+        print(f"wrote {', '.join(written)}", file=sys.stderr)  # stdout stays pure JSON
     else:
         from ompq_plugin.report import print_config
 
@@ -132,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {len(ends)} free layers sit at an end of their allowed range "
                   f"({lows} at the lowest width, {len(ends) - lows} at the highest): "
                   + ", ".join(f"{n}={v}" for n, v in ends.items()))
-        print(f"wrote {args.output}")
+        print(f"wrote {', '.join(written)}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
 from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers
-from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix
+from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix, uninformative
 
 DEFAULT_BETA = 1.0  # the authors' default (their ImageNet scripts pass larger values, e.g. 100)
 METHODS = ("ompq",)
@@ -117,6 +118,13 @@ def run_search(
     grams = collect_grams(model, found, samples)
     start = time.perf_counter()
     k = orm_matrix(grams.grams, orm_form)
+    for i in uninformative(grams.grams, orm_form):
+        warnings.warn(
+            f"layer {found.layers[i].name}: its feature is the same for all "
+            f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), so ORM "
+            "learns nothing about it; it is treated as unrelated to every other layer",
+            stacklevel=2,
+        )
     scored = _scored_indices(found, pin_first_last)
     gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
     theta_sub = importance(gamma_sub, beta, importance_fn)

@@ -208,13 +208,28 @@ def is_weight_layer(g: Graph, node: onnx.NodeProto) -> bool:
 
 def act_quant(g: Graph, layer: onnx.NodeProto) -> onnx.NodeProto | None:
     """The quantizer that produced the values of the layer's data input (None: unquantized)."""
-    name = layer.input[0]
-    for _ in range(32):
+    return _quant_of(g, layer.input[0])
+
+
+def _quant_of(g: Graph, name: str, hops: int = 32) -> onnx.NodeProto | None:
+    """The quantizer a tensor's values come from, through layout-only ops, pooling, and a
+    Concat whose inputs all come from quantizers with the same bits, sign and scale (one shared
+    quantizer: the concatenation is on its grid; the first input's quantizer is returned)."""
+    for _ in range(hops):
         node = g.producer.get(name)
         if node is None:
             return None
         if node.op_type in QUANT_OPS or node.op_type == "DequantizeLinear":
             return node
+        if node.op_type == "Concat":
+            found = [_quant_of(g, i, hops - 1) for i in node.input if i and not g.is_const(i)]
+            infos = [quant_info(g, f) if f is not None else None for f in found]
+            if not infos or any(i is None or i.scale is None for i in infos):
+                return None
+            first = infos[0]
+            same = all(i.bits == first.bits and i.signed == first.signed
+                       and _same_scale(i.scale, first.scale) for i in infos)
+            return found[0] if same else None
         if node.op_type not in PASS_THROUGH_OPS:
             return None
         name = node.input[0]
@@ -901,6 +916,11 @@ def _ort_every_tensor(model: onnx.ModelProto) -> Any:
     """An onnxruntime session (graph optimisations off) whose outputs are every node output."""
     import onnxruntime as ort
 
+    produced = {o for n in model.graph.node for o in n.output}
+    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    dangling = [o for o in model.graph.output if o.name not in produced]
+    for o in dangling:  # extra outputs qonnx's cleanup can leave unconnected
+        model.graph.output.remove(o)
     have = {o.name for o in model.graph.output}
     for node in model.graph.node:
         for out in node.output:
@@ -914,4 +934,4 @@ def _ort_every_tensor(model: onnx.ModelProto) -> Any:
         return ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:200]})") from None
+        raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:400]})") from None

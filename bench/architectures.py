@@ -37,7 +37,7 @@ MODELS = [
     "regnet_y_400mf", "convnext_tiny", "swin_t", "maxvit_t",
 ]  # fmt: skip
 EXTRA = ["vit_b_16"]  # run after the 25 when asked for with --models
-SIZES = {"inception_v3": 80}  # needs >= 75x75
+SIZES = {"inception_v3": 80, "maxvit_t": 224}  # inception >= 75x75; maxvit: multiples of 224
 KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
           "inception_v3": {"aux_logits": False, "init_weights": True}}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -74,8 +74,8 @@ def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     from ompq_plugin.searcher import run_search
 
     size = SIZES.get(name, 64)
-    row: dict = {"model": name, "input_size": size, "status": "fail", "step": None,
-                 "error": None, "seconds": {}, "cpu_seconds": {}}
+    row: dict = {"model": name, "input_size": size, "samples": args.samples, "calib": args.calib,
+                 "status": "fail", "step": None, "error": None, "seconds": {}, "cpu_seconds": {}}
     step = "build"
     try:
         torch.manual_seed(0)
@@ -120,6 +120,21 @@ def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     return row
 
 
+def save(out: Path, rows: list[dict], new: dict, threads: int) -> list[dict]:
+    """Replace ``new``'s model row and write the file atomically, rows in the table's order."""
+    rows = [r for r in rows if r["model"] != new["model"]] + [new]
+    order = {n: i for i, n in enumerate(MODELS + EXTRA)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    meta = {"command": "nice -n 10 /work/tvenv/bin/python bench/architectures.py",
+            "torch": torch.__version__, "threads": threads,
+            "note": "2-core machine shared with other jobs: wall seconds are inflated; "
+                    "cpu_seconds is this process's CPU time (all threads)"}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.replace(out)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated subset (default: the 25)")
@@ -129,26 +144,22 @@ def main() -> int:
     p.add_argument("--avg-bits", type=float, default=7.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(OUT))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only merge the rows of these files (parallel runs) into --output")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.models.split(",") if args.models else MODELS
     out = Path(args.output)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    for name in names:
+    if args.merge:
+        for f in args.merge:
+            for row in json.loads(Path(f).read_text())["rows"]:
+                rows = save(out, rows, row, args.threads)
+    for name in [] if args.merge else args.models.split(",") if args.models else MODELS:
         print(f"{name} ...", file=sys.stderr, flush=True)
         row = run_one(name, Path(args.data), args)
-        rows = [r for r in rows if r["model"] != name] + [row]
-        order = {n: i for i, n in enumerate(MODELS + EXTRA)}
-        rows.sort(key=lambda r: order.get(r["model"], len(order)))
-        meta = {"command": "nice -n 10 /work/tvenv/bin/python bench/architectures.py",
-                "torch": torch.__version__, "threads": args.threads,
-                "note": "2-core machine shared with other jobs: wall seconds are inflated; "
-                        "cpu_seconds is this process's CPU time (all threads)"}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        tmp.replace(out)
+        rows = save(out, rows, row, args.threads)
         print(f"  {row['status']} {row.get('step') or ''} {row.get('error') or ''} "
-              f"{row['seconds']}", file=sys.stderr, flush=True)
+              f"cpu {row['cpu_seconds']}", file=sys.stderr, flush=True)
     passed = sum(r["status"] == "pass" for r in rows if r["model"] in MODELS)
     print(f"{passed} of {len(MODELS)} pass", file=sys.stderr)
     return 0

@@ -288,7 +288,10 @@ def qonnx_cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
-    return cleanup_model(ModelWrapper(model)).model
+    from .prefold import prefold_constants
+
+    # qonnx folds one node per pass with whole-model shape inference in between: fold first
+    return cleanup_model(ModelWrapper(prefold_constants(model))).model
 
 
 def run_qonnx(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:

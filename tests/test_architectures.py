@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ompq_plugin import Budgets, OmpqError, calibrate, discover_layers, quantize, search
 from ompq_plugin.exporters import export_qonnx
 from ompq_plugin.exporters import verify as V
 from ompq_plugin.hw_profiles import load_profile
+from torch import nn
+
+from ompq_plugin import Budgets, OmpqError, calibrate, discover_layers, quantize, search
 from ompq_plugin.quantizer import uniform_bitconfig
 
 

@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import onnx
-
 from ompq_plugin.errors import OmpqError
 
 from .qonnx import (
@@ -40,54 +37,6 @@ if TYPE_CHECKING:
 MAX_QCDQ_BITS = 8
 
 
-def _session(model: onnx.ModelProto, every_tensor: bool, failure_hint: str = "") -> Any:
-    """An onnxruntime session on one CPU thread; ``every_tensor`` exposes every node output."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if every_tensor:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        have = {o.name for o in model.graph.output}
-        for node in model.graph.node:
-            for out in node.output:
-                if out and out not in have:
-                    model.graph.output.append(onnx.ValueInfoProto(name=out))
-                    have.add(out)
-        # ORT checks that every graph output has a type; let it infer them
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the QCDQ graph ({str(exc)[:200]})"
-                        f"{failure_hint}") from None
-
-
-def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
-    """Run the graph in onnxruntime one image at a time; ``full``: every tensor of image 0."""
-    sess = _session(model, full,
-                    "; export a model with at most 8-bit weights and activations")
-    iname = sess.get_inputs()[0].name
-    if full:
-        names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, {iname: images[:1]})
-        return dict(zip(names, values, strict=True))
-    return np.concatenate([sess.run(None, {iname: images[i : i + 1]})[0]
-                           for i in range(len(images))])
-
-
-def run_onnxruntime_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Every tensor of one onnxruntime run with the given graph inputs."""
-    sess = _session(model, every_tensor=True)
-    names = [o.name for o in sess.get_outputs()]
-    inputs = {i.name for i in sess.get_inputs()}
-    values = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
-    return {**feeds, **dict(zip(names, values, strict=True))}
-
-
 def export_qcdq(
     qmodel: nn.Module,
     path: str | os.PathLike[str],
@@ -100,7 +49,7 @@ def export_qcdq(
     """Export ``qmodel`` as QCDQ ONNX, verified in onnxruntime on ``example_input`` (N real
     images) against torch before the file is written."""
     t0 = time.perf_counter()
-    images = as_images(example_input)
+    images = as_images(example_input, qmodel)
     was_training = qmodel.training
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
@@ -120,9 +69,7 @@ def export_qcdq(
             model = brevitas_export(export_onnx_qcdq, qmodel, images[:1], Path(tmp) / "raw.onnx")
         t_export = time.perf_counter()
         annotate(model, map_layers(model, qmodel, images[:1]), expected)
-        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact,
-                           runner=run_onnxruntime, runtime="onnxruntime",
-                           feeds_runner=run_onnxruntime_feeds)
+        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
         t_verify = time.perf_counter()
         node_map = write_metadata(model, "qcdq", bits, ver)
         target = save_atomic(model, path)
@@ -130,7 +77,7 @@ def export_qcdq(
         qmodel.train(was_training)
     return ExportReport(
         path=target, format="qcdq", layers=ver.layers, node_map=node_map,
-        runtime="onnxruntime", verified=True, **ver.report_fields(),
+        runtime=ver.runtime, verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "verify": t_verify - t_export,
                  "total": time.perf_counter() - t0},
     )

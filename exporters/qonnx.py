@@ -16,6 +16,7 @@ Flow of :func:`export_qonnx`:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -170,7 +171,10 @@ def forward_order(qmodel: nn.Module, image: torch.Tensor) -> list[str]:
     return order
 
 
-def as_images(example_input: Any) -> torch.Tensor:
+def as_images(example_input: Any, qmodel: nn.Module | None = None) -> torch.Tensor:
+    """The example input as a float batch; a single 3-D image (C x H x W) gets a batch dimension
+    only for a model whose first layer is a 2-D convolution (3-D input of a Conv1d model is
+    already N x C x L)."""
     import torch
 
     x = example_input
@@ -178,7 +182,8 @@ def as_images(example_input: Any) -> torch.Tensor:
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise OmpqError("example_input must be a tensor of images (N x C x H x W)")
-    if x.dim() == 3:
+    first = next(iter(quant_layers(qmodel).values()), None) if qmodel is not None else None
+    if x.dim() == 3 and (first is None or type(first).__name__ == "QuantConv2d"):
         x = x.unsqueeze(0)
     if x.shape[0] == 0:
         raise OmpqError("example_input is empty: pass a few real images (N x C x H x W)")
@@ -283,7 +288,10 @@ def qonnx_cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
-    return cleanup_model(ModelWrapper(model)).model
+    from .prefold import prefold_constants
+
+    # qonnx folds one node per pass with whole-model shape inference in between: fold first
+    return cleanup_model(ModelWrapper(prefold_constants(model))).model
 
 
 def run_qonnx(model: onnx.ModelProto, images: np.ndarray, full: bool = False) -> Any:
@@ -342,6 +350,7 @@ class Verification:
     forced_images: int = 0
     max_forced_diff: float = 0.0
     top1_agree: int | None = None
+    runtime: str = "onnxruntime"  # what executed the graph (see verify.GraphSession)
 
     def report_fields(self) -> dict[str, Any]:
         """The figures ExportReport carries."""
@@ -358,9 +367,7 @@ def verify_qonnx(
     bits: BitConfig | None = None,
     tol: float = DEFAULT_TOL,
     exact: bool | None = None,
-    runner: Callable[..., Any] = run_qonnx,
-    runtime: str = "qonnx",
-    feeds_runner: Callable[..., Any] = run_qonnx_feeds,
+    session_factory: Callable[[onnx.ModelProto], Any] = V.GraphSession,
 ) -> Verification:
     """Check an exported, annotated graph against the torch model; raise naming the first
     diverging layer. ``exact`` None: bit-exact iff every scale is a power of two.
@@ -369,8 +376,13 @@ def verify_qonnx(
     layer by layer from torch's own inputs (every activation
     quantizer's output replaced by torch's, see :func:`verify.teacher_forced_check`), which
     accepts only isolated exact one-LSB flips of values on a rounding boundary (float
-    accumulation order) and within ``tol`` everywhere else."""
-    images = as_images(example_input)
+    accumulation order) and within ``tol`` everywhere else.
+
+    The graph runs in one onnxruntime session (:class:`verify.GraphSession`: QONNX ops lowered
+    to the standard ops computing the same values); torch runs the images as one batch, and an
+    image that disagrees is checked again from a one-image torch pass (as the graph runs) before
+    anything is refused."""
+    images = as_images(example_input, qmodel)
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
     expected = expected_bits(qmodel, bits)
@@ -382,27 +394,44 @@ def verify_qonnx(
     if exact is None:
         exact = V.all_scales_power_of_two(model)
     x = images.detach().cpu().numpy().astype(np.float32)
-    ref = V.torch_outputs(qmodel, images)
-    got = runner(model, x)
+    n = len(x)
+    sessions = V.Sessions(model, session_factory)
+    iname, oname = model.graph.input[0].name, model.graph.output[0].name
+    ref = V.torch_outputs(qmodel, images, batch=n)
+    calls = V.torch_act_calls_batched(qmodel, images) if not exact else []
+    stats = V.FlipCheck()
+    outs = []
+    for i in range(n):
+        feeds = {iname: x[i : i + 1]}
+        ctx = sessions.plain.run(feeds)
+        got_i = np.asarray(ctx[oname]).reshape(ref[i : i + 1].shape)
+        if exact and not V.within(V.compare(ref[i : i + 1], got_i), exact, tol):
+            ref[i : i + 1] = V.torch_outputs(qmodel, images[i : i + 1])  # as the graph runs
+        if not exact:
+            # float scales: every image layer by layer from torch's own inputs, which tells
+            # rounding-boundary flips from export bugs (even bugs that the logits happen to hide)
+            trial = copy.deepcopy(stats)
+            try:
+                V.teacher_forced_check(model, calls[i], ref[i : i + 1], ctx, sessions, feeds,
+                                       tol, trial)
+            except OmpqError:  # again from a one-image torch pass before refusing
+                one = images[i : i + 1]
+                ref[i : i + 1] = V.torch_outputs(qmodel, one)
+                trial = copy.deepcopy(stats)
+                V.teacher_forced_check(model, V.torch_act_calls(qmodel, one), ref[i : i + 1],
+                                       ctx, sessions, feeds, tol, trial)
+            stats = trial
+        outs.append(got_i)
+        del ctx
+    got = np.concatenate(outs)
     diff = V.compare(ref, got)
-    got = got.reshape(ref.shape)
     top1 = None
     if ref.ndim == 2 and ref.shape[1] > 1:
         top1 = int((ref.argmax(axis=1) == got.argmax(axis=1)).sum())
-    stats = V.FlipCheck()
-    if not exact:
-        # float scales: every image layer by layer from torch's own inputs, which tells
-        # rounding-boundary flips from export bugs (even bugs that the logits happen to hide)
-        iname = model.graph.input[0].name
-        for i in range(len(x)):
-            one = images[i : i + 1]
-            feeds = {iname: x[i : i + 1]}
-            V.teacher_forced_check(model, V.torch_act_calls(qmodel, one), ref[i : i + 1],
-                                   feeds_runner(model, feeds), feeds_runner, feeds, tol, stats)
-    elif not V.within(diff, exact, tol):
-        per_image = np.abs(ref.reshape(len(x), -1) - got.reshape(len(x), -1)).max(axis=1)
+    if exact and not V.within(diff, exact, tol):
+        per_image = np.abs(ref.reshape(n, -1) - got.reshape(n, -1)).max(axis=1)
         bad = int(np.argmax(per_image > (0 if exact else tol)))
-        ctx = runner(model, x[bad : bad + 1], full=True)
+        ctx = sessions.plain.run({iname: x[bad : bad + 1]})
         order = [(rb.layer, _layer_output(model, rb.node)) for rb in readback if rb.layer]
         torch_out = V.torch_layer_outputs(qmodel, images[bad : bad + 1], [n for n, _ in order])
         first = V.first_diverging_layer(order, torch_out, ctx, exact, tol)
@@ -410,8 +439,8 @@ def verify_qonnx(
                  else "the layers agree, the difference is after the last layer")
         crit = "bit-exact" if exact else f"within {tol:g}"
         raise OmpqError(
-            f"{runtime} output differs from torch on image {bad} (max |diff| {diff:.3g}, "
-            f"required {crit}): {where}; re-export from the same quantized model"
+            f"{sessions.plain.engine} output differs from torch on image {bad} (max |diff| "
+            f"{diff:.3g}, required {crit}): {where}; re-export from the same quantized model"
         )
     layers = []
     for rb in readback:
@@ -426,9 +455,10 @@ def verify_qonnx(
             act_quant_node=rb.act_quant_node))
     order = [rb.layer for rb in readback if rb.layer]
     flip_layers = sorted(stats.layers, key=lambda n: order.index(n) if n in order else len(order))
-    return Verification(layers, diff, exact, tol, len(x), boundary_flips=stats.flips,
+    return Verification(layers, diff, exact, tol, n, boundary_flips=stats.flips,
                         flip_layers=flip_layers, forced_images=stats.n_images,
-                        max_forced_diff=stats.max_forced_diff, top1_agree=top1)
+                        max_forced_diff=stats.max_forced_diff, top1_agree=top1,
+                        runtime=sessions.plain.engine)
 
 
 def _layer_output(model: onnx.ModelProto, node_name: str) -> str:
@@ -480,7 +510,7 @@ def export_qonnx(
     """Export ``qmodel`` to QONNX at ``path``, verified on ``example_input`` (N real images)
     before the file is written. ``bits`` defaults to the model's attached BitConfig if any."""
     t0 = time.perf_counter()
-    images = as_images(example_input)
+    images = as_images(example_input, qmodel)
     was_training = qmodel.training
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
@@ -506,7 +536,7 @@ def export_qonnx(
         qmodel.train(was_training)
     return ExportReport(
         path=target, format="qonnx", layers=ver.layers, node_map=node_map,
-        runtime="qonnx", verified=True, **ver.report_fields(),
+        runtime=ver.runtime, verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "cleanup": t_clean - t_export,
                  "verify": t_verify - t_clean, "total": time.perf_counter() - t0},
     )

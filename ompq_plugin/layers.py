@@ -178,6 +178,7 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayer
         missing = [name for name, _, _, _ in records if name not in nodes]
         if missing:  # a layer hidden inside a leaf module: structure is unreliable
             gm = None
+    unsupported += _weights_used_as_functions(model, gm, {name for name, *_ in records})
     features: dict[str, str] = {}
     groups: dict[str, str] = {}
     if gm is not None:
@@ -212,6 +213,30 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayer
     for layer in layers:
         act_groups[layer.act_group] = (*act_groups.get(layer.act_group, ()), layer.name)
     return ModelLayers(layers, act_groups, unsupported, traced=gm is not None, graph_module=gm)
+
+
+def _weights_used_as_functions(
+    model: nn.Module, gm: torch.fx.GraphModule | None, called: set[str]
+) -> list[UnsupportedLayer]:
+    """Weights the forward pass uses other than by calling a Conv/Linear module (``F.linear`` with
+    a module's weight, as Swin's attention does; a bare parameter through ``F.conv2d``). They
+    would stay float, so they are listed as unsupported instead of entering the budgets. Without
+    a trace, a Conv/Linear module that never runs is listed too (its use cannot be seen)."""
+    from ompq_plugin.graph_ops import weight_like_parameters
+
+    used = weight_like_parameters(gm) if gm is not None else {}
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZABLE_TYPES) or name in called:
+            continue
+        via = used.pop(f"{name}.weight", None)
+        if via is not None or gm is None:
+            how = f"weight used through {via}" if via else "never called as a module"
+            out.append(UnsupportedLayer(name, f"{type(module).__name__}, {how}"))
+    for param, via in used.items():
+        if not param.endswith(".bias"):
+            out.append(UnsupportedLayer(param, f"parameter used as a weight through {via}"))
+    return out
 
 
 def _record_calls(

@@ -72,6 +72,10 @@ def orm_matrix(grams: list[torch.Tensor], form: OrmForm = "centred") -> np.ndarr
 
     Each Gram is normalised to unit Frobenius norm, flattened into a row of V, and K = V V^T:
     one L x N^2 by N^2 x L product instead of L^2 separate traces.
+
+    A layer whose (centred) Gram is zero -- its feature is the same for every sample, e.g. an SE
+    gate or a head at its bias -- carries no information: its row and column are 0 (diagonal 1).
+    :func:`uninformative` names those layers.
     """
     if not grams:
         return np.zeros((0, 0))
@@ -79,11 +83,16 @@ def orm_matrix(grams: list[torch.Tensor], form: OrmForm = "centred") -> np.ndarr
     for i, g in enumerate(grams):
         p = _prepare(g, form)
         norm = torch.linalg.norm(p)
-        if not torch.isfinite(norm) or norm == 0:
-            raise ValueError(f"Gram matrix {i} has zero or non-finite norm")
-        rows.append((p / norm).reshape(-1))
+        if not torch.isfinite(norm):
+            raise ValueError(f"Gram matrix {i} has a non-finite norm")
+        rows.append((p / norm if norm > 0 else torch.zeros_like(p)).reshape(-1))
     v = torch.stack(rows)
     k = (v @ v.T).numpy()
     k = (k + k.T) / 2  # exact symmetry
     np.fill_diagonal(k, 1.0)
     return np.clip(k, 0.0, 1.0)
+
+
+def uninformative(grams: list[torch.Tensor], form: OrmForm = "centred") -> list[int]:
+    """Indices of layers whose (centred) Gram is zero: the same feature for every sample."""
+    return [i for i, g in enumerate(grams) if float(torch.linalg.norm(_prepare(g, form))) == 0.0]

@@ -62,7 +62,7 @@ def calibrate(
     """Calibrate activation scales on ``samples`` (normalised float images), in place.
 
     Optionally follow with bias correction and/or GPTQ on the same samples. Returns ``qmodel``
-    in eval mode.
+    in eval mode, after one quantized forward pass of the first batch (:func:`check_forward`).
     """
     from brevitas.graph.calibrate import calibration_mode
 
@@ -77,7 +77,22 @@ def calibrate(
     if bias_correction:
         apply_bias_correction(qmodel, batches)
     qmodel.eval()
+    check_forward(qmodel, batches[0])
     return qmodel
+
+
+def check_forward(qmodel: nn.Module, x: torch.Tensor) -> None:
+    """One quantized (eval) forward pass of ``x``; raise an OmpqError if it fails, so that no
+    file is written for a model that cannot run (calibration runs with quantization off)."""
+    try:
+        with torch.no_grad():
+            qmodel(x)
+    except Exception as exc:  # Brevitas / torch raise many types
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise OmpqError(
+            f"the quantized model fails at its first forward pass ({type(exc).__name__}: "
+            f"{first}); this architecture is not supported by `ompq quantize` yet"
+        ) from None
 
 
 def apply_bias_correction(qmodel: nn.Module, batches: list[torch.Tensor]) -> None:

@@ -5,15 +5,21 @@ The conversion works on the torch.fx graph of *any* traceable model (no per-arch
 1. deep-copy the float model (it is never modified) and switch it to eval mode;
 2. replace option-A ``ShortcutA`` modules (subsample + zero channel pad) by an exactly equivalent
    frozen 1x1 stride-2 convolution with 0/1 weights, so the graph exports without Slice or Pad;
-3. trace with torch.fx and fold every BatchNorm into the Conv/Linear that feeds it;
+3. trace with torch.fx and fold every BatchNorm into the Conv/Linear that feeds it; a
+   BatchNorm that follows no layer (pre-activation, DenseNet) and every LayerNorm / GroupNorm
+   stay float ops (listed in ``ompq_report.float_ops``), as do parameters used elementwise
+   (a layer scale); ``F.avg_pool2d`` keyword calls and non-dividing adaptive pools are
+   rewritten (see :mod:`ompq_plugin.graph_ops`);
 4. replace Conv1d / Conv2d (grouped and depthwise included) / Linear by QuantConv1d /
    QuantConv2d / QuantLinear with the BitConfig's weight bits and a 32-bit bias quantizer
    (bias scale = input scale x weight scale, so inference is integer-only);
 5. insert activation quantizers (QuantIdentity, returning QuantTensors): on the model input, after
    every ReLU / ReLU6 (module, function or method), after any other tensor a quantized layer reads,
-   and ONE shared quantizer on both inputs of every residual add (same instance, so both operands
-   have the same scale). A quantizer's bits are the ``act_bits`` of the layers that read its
-   tensor, found by walking forward through pooling / flatten / reshape / dropout / zero-pad.
+   and ONE shared quantizer on both inputs of every residual add and on every input of each
+   ``torch.cat`` (same instance, so all operands have the same scale; a concatenation is then on
+   that grid and gets no quantizer of its own). A quantizer's bits are the ``act_bits`` of the
+   layers that read its tensor, found by walking forward through pooling / flatten / reshape /
+   dropout / zero-pad.
 
 Scales are powers of two (fixed-point quantizers) when ``profile.power_of_two_scales``, float
 otherwise; weights are per output channel when ``profile.per_channel_weights``. Activation scales
@@ -33,6 +39,14 @@ from torch import fx, nn
 
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.graph_ops import (
+    FLOAT_MODULES,
+    dequant,
+    float_parameters,
+    is_cat,
+    normalise_avg_pool,
+    replace_adaptive_pools,
+)
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -80,11 +94,6 @@ _QUANT_TENSOR_METHODS = {
 }
 
 
-def _dequant(x: object) -> object:
-    """The float value of a QuantTensor (other values pass through)."""
-    return getattr(x, "value", x) if type(x).__name__.endswith("QuantTensor") else x
-
-
 class FixedShortcutConv(nn.Conv2d):
     """Option-A shortcut as a frozen 1x1 stride-2 conv with 0/1 weights (never trained)."""
 
@@ -104,7 +113,20 @@ class QuantizeReport:
     fixed_layers: list[str] = field(default_factory=list)
     act_quantizers: dict[str, int] = field(default_factory=dict)  # module name -> bits
     shared_add_quantizers: list[str] = field(default_factory=list)
+    shared_cat_quantizers: list[str] = field(default_factory=list)
     folded_norms: list[str] = field(default_factory=list)
+    # ops kept in float between quantizers: name -> why (not integer-only there)
+    float_ops: dict[str, str] = field(default_factory=dict)
+    rewritten_pools: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """One line per thing a user should know: what stays float (not integer-only)."""
+        if not self.float_ops:
+            return []
+        shown = "; ".join(f"{name} ({why})" for name, why in list(self.float_ops.items())[:8])
+        more = len(self.float_ops) - 8
+        return [f"kept in float between quantizers (not integer-only there): {shown}"
+                + (f"; and {more} more" if more > 0 else "")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +311,8 @@ def _owner_path(node: fx.Node) -> str:
 def check_supported(model: nn.Module) -> None:
     """Raise OmpqError naming the first layer that quantize() cannot convert."""
     for name, module in model.named_modules():
+        if isinstance(module, FLOAT_MODULES):
+            continue
         if isinstance(module, SUPPORTED_LAYERS + FOLDABLE_NORMS + (FixedShortcutConv,)):
             if isinstance(module, nn.Conv2d | nn.Conv1d) and module.padding_mode != "zeros":
                 raise OmpqError(
@@ -298,14 +322,22 @@ def check_supported(model: nn.Module) -> None:
             continue
         if type(module).__name__ == "ShortcutA":
             continue
-        if any(True for _ in module.parameters(recurse=False)) or isinstance(
+        # a module holding parameters of its own is checked on the traced graph (elementwise
+        # uses stay float, weight-like uses are refused: graph_ops.float_parameters)
+        own_params = any(True for _ in module.parameters(recurse=False))
+        if (_is_leaf_type(module) and own_params) or isinstance(
             module, nn.RNNBase | nn.MultiheadAttention | nn.modules.conv._ConvTransposeNd
         ):
             raise OmpqError(
                 f"layer {name or '<root>'} ({type(module).__name__}) cannot be quantized: "
-                "only Conv1d, Conv2d (incl. grouped/depthwise), Linear and foldable BatchNorm "
+                "only Conv1d, Conv2d (incl. grouped/depthwise), Linear, BatchNorm and LayerNorm "
                 "are supported; replace or remove it"
             )
+
+
+def _is_leaf_type(module: nn.Module) -> bool:
+    """A torch.nn module type, which torch.fx keeps as one opaque call."""
+    return type(module).__module__.startswith("torch.nn")
 
 
 def _replace_shortcuts(model: nn.Module) -> list[str]:
@@ -342,7 +374,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         ) from None
 
 
-def _fold_batchnorms(gm: fx.GraphModule) -> list[str]:
+def _fold_batchnorms(gm: fx.GraphModule, float_ops: dict[str, str]) -> list[str]:
+    """Fold each BatchNorm into the Conv/Linear feeding it; one that follows no layer
+    (pre-activation) stays a float per-channel affine, recorded in ``float_ops``."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     folded = []
@@ -350,6 +384,8 @@ def _fold_batchnorms(gm: fx.GraphModule) -> list[str]:
         bn = _module_of(gm, node)
         if not isinstance(bn, FOLDABLE_NORMS):
             continue
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise OmpqError(f"BatchNorm {node.target} has no running statistics to fold")
         prev = node.args[0]
         layer = _module_of(gm, prev) if isinstance(prev, fx.Node) else None
         if (
@@ -357,12 +393,8 @@ def _fold_batchnorms(gm: fx.GraphModule) -> list[str]:
             or isinstance(layer, FixedShortcutConv)
             or len(prev.users) != 1
         ):
-            raise OmpqError(
-                f"BatchNorm {node.target} does not directly follow a Conv/Linear, so it cannot be "
-                "folded for integer-only inference; remove it or move it after a conv"
-            )
-        if not bn.track_running_stats or bn.running_mean is None:
-            raise OmpqError(f"BatchNorm {node.target} has no running statistics to fold")
+            float_ops[str(node.target)] = "BatchNorm after no Conv/Linear: float affine"
+            continue
         if isinstance(layer, nn.Linear):
             fused = fuse_linear_bn_eval(layer, bn)
         else:
@@ -426,7 +458,13 @@ def quantize(
     report = QuantizeReport()
     report.fixed_layers = _replace_shortcuts(work)
     gm = _trace(work)
-    report.folded_norms = _fold_batchnorms(gm)
+    report.folded_norms = _fold_batchnorms(gm, report.float_ops)
+    for name, module in gm.named_modules():
+        if isinstance(module, FLOAT_MODULES) and not isinstance(module, FOLDABLE_NORMS):
+            report.float_ops[name] = f"{type(module).__name__}: float"
+    report.float_ops.update(float_parameters(gm))
+    normalise_avg_pool(gm)
+    report.rewritten_pools = replace_adaptive_pools(gm)
     graph = gm.graph
 
     layer_nodes = [
@@ -461,6 +499,7 @@ def quantize(
     for r in relus:
         need.setdefault(r, [])
     adds = [n for n in graph.nodes if _is_residual_add(n)]
+    cats = [n for n in graph.nodes if is_cat(n)]
     default_bits = profile.pinned_act_bits
 
     def bits_for(node: fx.Node) -> int:
@@ -473,8 +512,15 @@ def quantize(
             return max(need[users[0]])
         return default_bits
 
-    # 3. insert quantizers after each source (before adds, so adds see quantized operands)
+    def only_into_cats(node: fx.Node) -> bool:
+        users = [u for u in node.users if not _is_non_tensor_use(u)]
+        return not need.get(node) and bool(users) and all(is_cat(u) for u in users)
+
+    # 3. insert quantizers after each source (before adds, so adds see quantized operands); a
+    # concatenation is quantized on its inputs (step 4b), and so is a ReLU that only feeds one
     for src in [n for n in graph.nodes if n in need]:
+        if is_cat(src) or only_into_cats(src):
+            continue
         nbits = bits_for(src)
         signed = not _is_relu(gm, src)
         if src.op == "placeholder":
@@ -506,11 +552,27 @@ def quantize(
                 new_args[i] = graph.call_module(qname, (add.args[i],))
         add.args = tuple(new_args)
 
+    # 4b. one shared quantizer on every input of each concatenation (the layers reading the
+    # concatenation read that quantizer's grid: it takes their bits)
+    for cat in cats:
+        parts = list(cat.args[0])
+        signed = not all(_is_relu(gm, p) for p in parts)
+        owner = _owner_path(cat)
+        base = f"{owner}.cat_quant" if owner else f"{cat.name}_quant"
+        qname = _unique_name(gm, base)
+        nbits = bits_for(cat)
+        gm.add_submodule(qname, _act_quantizer(quants, nbits, signed=signed))
+        report.act_quantizers[qname] = nbits
+        report.shared_cat_quantizers.append(qname)
+        with graph.inserting_before(cat):
+            quantized = [graph.call_module(qname, (p,)) for p in parts]
+        cat.args = (quantized, *cat.args[1:])
+
     # 5. tensor methods a QuantTensor lacks (mean, sum, ...) get the plain float tensor
     for node in list(graph.nodes):
         if node.op == "call_method" and node.target not in _QUANT_TENSOR_METHODS and node.args:
             with graph.inserting_before(node):
-                plain = graph.call_function(_dequant, (node.args[0],))
+                plain = graph.call_function(dequant, (node.args[0],))
             node.args = (plain, *node.args[1:])
 
     graph.lint()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS, act_s
 from ompq_plugin.methods import METHODS as _METHODS
 from ompq_plugin.methods.build import build_problem, solve_uniform
 from ompq_plugin.methods.objectives import range_ends
-from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix
+from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix, uninformative
 
 METHODS = _METHODS
 
@@ -145,6 +146,13 @@ def run_search(
             grams = collect_grams(model, found, samples, centred=orm_form == "centred")
         start = time.perf_counter()
         k = orm_matrix(grams.grams, orm_form)
+        for i in uninformative(grams.grams, orm_form):
+            warnings.warn(
+                f"layer {found.layers[i].name}: its feature is the same for all "
+                f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), so "
+                "ORM learns nothing about it; it is treated as unrelated to every other layer",
+                stacklevel=2,
+            )
         scored = _scored_indices(found, pin_first_last)
         gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
         theta_sub = importance(gamma_sub, beta, importance_fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     meta = {"norm": _norm(spec), "calib": args.calib, "bias_correction": args.bias_correction,
             "gptq": args.gptq, "float_weights": spec.weights_path}
     save_quantized(args.output, qmodel, model_name, bits, profile, meta)
+    for note in qmodel.ompq_report.notes():
+        print(f"ompq: note: {note}", file=sys.stderr)
     print(f"wrote {args.output}: {len(bits.layers)} layers, average weight bits "
           f"{bits.average_weight_bits:.2f}, profile {profile.name}")
     return 0

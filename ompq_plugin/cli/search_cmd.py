@@ -86,7 +86,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ompq_plugin.data import resolve_data_dir, search_samples
     from ompq_plugin.hw_profiles import load_profile
-    from ompq_plugin.layers import QUANTIZABLE_TYPES
+    from ompq_plugin.layers import discover_layers
     from ompq_plugin.models import build_model
     from ompq_plugin.searcher import parse_pin, run_search
 
@@ -103,9 +103,8 @@ def run(args: argparse.Namespace) -> int:
     samples = search_samples(data_dir, spec, args.samples, seed=args.seed)
     labelled = (_hessian_images(data_dir, spec, args.hessian_images, args.seed)
                 if args.method == "hawq" else None)
-    total_params = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES)
-    )
+    # only the layers the search quantizes (a weight used through F.linear is not one of them)
+    total_params = discover_layers(model, samples[:1]).total_params
     budgets = Budgets.from_user(
         weight_memory_kib=args.weight_memory_kib,
         bops_g=args.bops_g,

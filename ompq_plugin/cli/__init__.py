@@ -16,11 +16,14 @@ from ompq_plugin.errors import OmpqError
 
 def build_parser() -> argparse.ArgumentParser:
     from ompq_plugin.cli import demo_cmd, export_cmd, profiles_cmd, quant_cmd, search_cmd
+    from ompq_plugin.cli.common import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="ompq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo_cmd, profiles_cmd, search_cmd, quant_cmd, export_cmd):
         module.add_parser(sub)
+    for command in sub.choices.values():  # every --help shows each option's default
+        command.formatter_class = HelpFormatter
     return parser
 
 

@@ -30,11 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="narrow the profile's activation bits for free layers, e.g. 8")
     p.add_argument("--beta", type=float, default=None, help="importance spread (default 1.0)")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="ompq", choices=["ompq"])
-    p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
+    p.add_argument("--method", default="ompq", choices=["ompq"], help="allocation method")
+    p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"],
+                   help="centred Grams (linear CKA, the authors' code) or the paper's Eq. 6")
     p.add_argument(
-        "--importance", default="exp", choices=["exp", "neglog", "neg", "negcube", "negexp"]
+        "--importance", default="exp", choices=["exp", "neglog", "neg", "negcube", "negexp"],
+        help="importance function of gamma: exp(-beta g) or the paper's alternatives",
     )
     p.add_argument("--pin", action="append", default=[], metavar="NAME=W/A",
                    help="fix a layer's bits (repeatable; * leaves one side free)")
@@ -57,10 +59,10 @@ def _bit_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ompq_plugin.data import resolve_data_dir, search_samples
+    from ompq_plugin.cli.common import build_for_cli, open_source
+    from ompq_plugin.data import search_samples
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import QUANTIZABLE_TYPES
-    from ompq_plugin.models import build_model
     from ompq_plugin.searcher import DEFAULT_BETA, parse_pin, run_search
 
     for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples"):
@@ -69,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
             raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
     pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
     profile = load_profile(args.profile)
-    data_dir = resolve_data_dir(args.data)
-    model, spec = build_model(args.model, args.weights, data_dir)
-    samples = search_samples(data_dir, spec, args.samples, seed=args.seed)
+    source = open_source(args)
+    model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
+    samples = search_samples(source, spec, args.samples, seed=args.seed)
     total_params = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES)
     )
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
     )
-    config = result.config
+    config = result.config.with_model_info(spec)
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
     config.save(args.output)

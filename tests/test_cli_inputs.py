@@ -61,9 +61,9 @@ def test_size_and_normalisation_round_trip(project: Path, tmp_path_factory, monk
     monkeypatch.chdir(project)
     rc = main(_search(project, "--weights", "w.pt", "--input-size", "24x24",
                       "--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD))))
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    assert "input 3x24x24, mean 0.25, 0.5, 0.75, std 0.5, 0.25, 0.125" in err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "input 3x24x24, mean 0.25, 0.5, 0.75, std 0.5, 0.25, 0.125" in printed.out
     bits = json.loads((project / "bits.json").read_text())
     assert bits["input"] == {"size": [3, 24, 24], "mean": list(MEAN), "std": list(STD)}
     assert bits["model"] == f"{project.resolve() / 'model.py'}:make"  # absolute
@@ -75,9 +75,9 @@ def test_size_and_normalisation_round_trip(project: Path, tmp_path_factory, monk
     data = str(project / "data.npz")
     rc = main(["quantize", "--bits", str(project / "bits.json"), "--data", data,
                "--calib", "16", "-o", "q.pt"])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    assert "input 3x24x24, mean 0.25" in err and "warning" not in err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "input 3x24x24, mean 0.25" in printed.out and "warning" not in printed.err
     loaded = load_quantized(elsewhere / "q.pt")
     assert loaded.meta["input"] == bits["input"]
     assert loaded.meta["float_weights"] == bits["weights"]["path"]
@@ -110,9 +110,9 @@ def test_user_model_without_normalisation_gets_none(project: Path, monkeypatch, 
     # unlabelled .npy images are enough for the search; the size comes from --input-size
     args = _search(project, "--weights", "w.pt", "--input-size", "24")
     rc = main([a if a != "data.npz" else "imgs.npy" for a in args])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    assert "no normalisation" in err and "array file" in err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "no normalisation" in printed.out and "array file" in printed.out
     bits = json.loads((project / "bits.json").read_text())
     assert bits["input"] == {"size": [3, 24, 24], "mean": [0.0] * 3, "std": [1.0] * 3}
     rc = main(["eval", "--model", "model.py:make", "--weights", "w.pt", "--data", "imgs.npy",
@@ -134,7 +134,7 @@ def test_changed_weights_warn_and_random_weights_are_refused(project: Path, monk
 
     os.remove(project / "q.pt")
     assert main(_search(project, "--input-size", "24")) == 0  # no weights: a note, not an error
-    assert "random weights" in capsys.readouterr().err
+    assert "random weights" in capsys.readouterr().out
     rc = main(["quantize", "--bits", "bits.json", "--data", "data.npz", "--calib", "8",
                "-o", "q.pt"])
     err = capsys.readouterr().err

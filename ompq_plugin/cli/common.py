@@ -101,9 +101,12 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = False) -> Non
 # ---------------------------------------------------------------------------- messages
 
 
-def note(text: str) -> None:
-    """One line for the user on stderr (stdout stays clean for --json)."""
-    print(f"ompq: {text}", file=sys.stderr, flush=True)
+def note(text: str, json_output: bool = False) -> None:
+    """One line for the user on stdout, or on stderr when stdout carries JSON."""
+    if json_output:
+        print(f"ompq: {text}", file=sys.stderr, flush=True)
+    else:
+        print(text, flush=True)
 
 
 def warn(text: str) -> None:
@@ -111,9 +114,9 @@ def warn(text: str) -> None:
 
 
 @contextmanager
-def progress_step(text: str) -> Iterator[None]:
+def progress_step(text: str, json_output: bool = False) -> Iterator[None]:
     """A live spinner with the elapsed time on stderr while a step runs (drawn only on a
-    terminal), then one line with the time it took."""
+    terminal), then one line with the time it took (see :func:`note`)."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -122,7 +125,7 @@ def progress_step(text: str) -> Iterator[None]:
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         bar.add_task(text, total=None)
         yield
-    note(f"{text}: {time.perf_counter() - start:.1f} s")
+    note(f"{text}: {time.perf_counter() - start:.1f} s", json_output)
 
 
 # ---------------------------------------------------------------------------- building
@@ -132,7 +135,7 @@ def open_source(args: argparse.Namespace) -> DataSource:
     from ompq_plugin.datasets import open_data
 
     source = open_data(getattr(args, "data", None))
-    note(f"data: {source.description}")
+    note(f"data: {source.description}", getattr(args, "json", False))
     return source
 
 
@@ -205,7 +208,7 @@ def build_for_cli(
     model, spec = build_model(model_name, weights, source, input_size=size, mean=mean, std=std)
     check_channels(images, spec.input_size)
     note(InputRecord(spec.input_size, spec.mean, spec.std).describe()
-         + ("" if spec.pretrained else ", random weights"))
+         + ("" if spec.pretrained else ", random weights"), getattr(args, "json", False))
     return model, spec, images
 
 

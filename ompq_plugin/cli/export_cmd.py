@@ -39,7 +39,7 @@ def _images(args: argparse.Namespace, meta: dict[str, Any], bits: Any) -> Any:
     if args.images < 1:
         raise OmpqError("--images must be at least 1")
     record = recorded_input(meta, bits)
-    note(record.describe() + f" (recorded in {args.qmodel})")
+    note(record.describe() + f" (recorded in {args.qmodel})", args.json)
     test = open_source(args).split("test", "exact", size=record.size[1:])
     return prepared(test.images[: args.images], record)
 
@@ -53,14 +53,15 @@ def run_export(args: argparse.Namespace) -> int:
     qmodel, bits = loaded.model, loaded.bits
     images = _images(args, loaded.meta, bits)
     export = export_qonnx if args.format == "qonnx" else export_qcdq
-    with progress_step(f"export {args.format.upper()} and verify it on {len(images)} images"):
+    with progress_step(f"export {args.format.upper()} and verify it on {len(images)} images",
+                       args.json):
         report = export(qmodel, Path(args.output), images, bits)
     if "hls4ml" in args.check:
         if args.format != "qonnx":
             raise OmpqError("--check hls4ml needs --format qonnx")
         from ompq_plugin.exporters.hls4ml_check import check_hls4ml
 
-        with progress_step("hls4ml conversion and C++ emulation"):
+        with progress_step("hls4ml conversion and C++ emulation", args.json):
             report.hls4ml = check_hls4ml(report.path, images)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))

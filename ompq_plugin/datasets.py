@@ -328,6 +328,9 @@ def _python_source(path: Path, func: str) -> DataSource:
     from ompq_plugin.models import load_user_factory
 
     target = f"{path}:{func}"
+    if not path.is_file():
+        raise OmpqError(f"data loader file {path} not found: pass --data path/to/file.py:function "
+                        f"with an existing file")
     loader = load_user_factory(target)
     try:
         value = loader()

@@ -171,6 +171,8 @@ def test_python_loaders(loaders: Path) -> None:
         open_data(f"{loaders}:wrong")
     with pytest.raises(OmpqError, match="has no 'absent'"):
         open_data(f"{loaders}:absent")
+    with pytest.raises(OmpqError, match="data loader file .* not found"):
+        open_data(f"{loaders.parent / 'nope.py'}:tensors")
 
 
 # ------------------------------------------------------------------------------ defaults

@@ -65,6 +65,45 @@ class Totals:
         )
 
 
+@dataclass(frozen=True)
+class WeightsRecord:
+    """The float checkpoint the search ran on: absolute path and sha256 of the file."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """What the model was fed: input size (C, H, W) and per-channel mean/std applied after
+    scaling uint8 pixels to 0..1 (mean 0 and std 1: no normalisation)."""
+
+    size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def normalised(self) -> bool:
+        return any(m != 0.0 for m in self.mean) or any(s != 1.0 for s in self.std)
+
+    def describe(self) -> str:
+        c, h, w = self.size
+        if not self.normalised:
+            norm = "no normalisation (uint8 pixels / 255)"
+        else:
+            norm = (f"mean {', '.join(f'{m:g}' for m in self.mean)}, "
+                    f"std {', '.join(f'{s:g}' for s in self.std)}")
+        return f"input {c}x{h}x{w}, {norm}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputRecord:
+        return cls(tuple(int(v) for v in data["size"]),  # type: ignore[arg-type]
+                   tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
+
 @dataclass
 class BitConfig:
     model: str
@@ -79,6 +118,22 @@ class BitConfig:
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    input: InputRecord | None = None  # size and normalisation the search used
+    weights: WeightsRecord | None = None  # None: the search ran on random weights
+
+    def with_model_info(self, spec: Any) -> BitConfig:
+        """A copy recording a built model's spec (:class:`~ompq_plugin.models.ModelSpec`): its
+        name (a user factory with an absolute path), input size, mean/std and weights file."""
+        from dataclasses import replace
+
+        from ompq_plugin.models import file_sha256
+
+        weights = None
+        if spec.weights_path is not None:
+            path = os.path.abspath(spec.weights_path)
+            weights = WeightsRecord(path, file_sha256(path))
+        record = InputRecord(tuple(spec.input_size), tuple(spec.mean), tuple(spec.std))
+        return replace(self, model=spec.name, input=record, weights=weights)
 
     @property
     def totals(self) -> Totals:
@@ -118,6 +173,8 @@ class BitConfig:
             "budgets": self.budgets.to_json(),
             "timings": self.timings,
             "versions": self.versions,
+            "input": self.input.to_json() if self.input is not None else None,
+            "weights": asdict(self.weights) if self.weights is not None else None,
         }
 
     @classmethod
@@ -148,6 +205,8 @@ class BitConfig:
                 orm_form=data.get("orm_form"),
                 timings=dict(data.get("timings", {})),
                 versions=dict(data.get("versions", {})),
+                input=InputRecord.from_json(data["input"]) if data.get("input") else None,
+                weights=WeightsRecord(**data["weights"]) if data.get("weights") else None,
             )
         except OmpqError:
             raise

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ompq_plugin.errors import OmpqError
 
 if TYPE_CHECKING:
+    from ompq_plugin.datasets import DataSource
     from ompq_plugin.models import ModelSpec
 
 ENV_VAR = "OMPQ_DATA_DIR"
@@ -45,28 +46,46 @@ Split = Literal["test", "train"]
 
 @dataclass
 class CifarSplit:
-    """One split of CIFAR-10: ``images`` uint8 (N, 3, 32, 32), ``labels`` int64 (N,)."""
+    """A set of images: ``images`` uint8 (pixels 0..255) or float (N, C, H, W), ``labels``
+    int64 (N,) or None (unlabelled: fine for search and calibration, not for evaluation).
+
+    Named after CIFAR-10, where it started; :data:`ImageSet` is the same class. CIFAR-10 splits
+    are uint8 (N, 3, 32, 32).
+    """
 
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     classes: tuple[str, ...] = CIFAR10_CLASSES
     source: str = ""  # folder and split it was read from, for messages and provenance
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != IMAGE_SHAPE:
-            raise ValueError(f"images must be uint8 (N, 3, 32, 32), got {self.images.dtype} "
+        dtype = self.images.dtype
+        if self.images.dim() != 4 or not (dtype == torch.uint8 or dtype.is_floating_point):
+            raise ValueError(f"images must be uint8 or float (N, C, H, W), got {dtype} "
                              f"{tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
+        if self.labels is not None and self.labels.shape != (self.images.shape[0],):
             raise ValueError("labels must have one entry per image")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the stored images."""
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
     def class_counts(self) -> list[int]:
+        if self.labels is None:
+            raise OmpqError(f"{self.source or 'these images'} have no labels")
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     def subset(self, indices: torch.Tensor) -> CifarSplit:
-        return CifarSplit(self.images[indices], self.labels[indices], self.classes, self.source)
+        labels = None if self.labels is None else self.labels[indices]
+        return CifarSplit(self.images[indices], labels, self.classes, self.source)
+
+
+ImageSet = CifarSplit
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -221,6 +240,29 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
+def prepare(
+    images: torch.Tensor,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Images as the model takes them: float32 ``(x - mean) / std`` at ``size`` (H, W).
+
+    uint8 images are scaled to 0..1 first (``x / 255``); float images are taken as they are.
+    ``mean``/``std`` None means no normalisation; ``size`` None keeps the images' size.
+    """
+    x = images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.float()
+    c = x.shape[1]
+    if mean is not None or std is not None:
+        mean = tuple(mean) if mean is not None else (0.0,) * c
+        std = tuple(std) if std is not None else (1.0,) * c
+        if len(mean) != c or len(std) != c:
+            raise OmpqError(f"mean/std have {len(mean)}/{len(std)} entries but the images have "
+                            f"{c} channels: pass one value per channel to --mean/--std")
+        x = (x - torch.tensor(mean).view(1, c, 1, 1)) / torch.tensor(std).view(1, c, 1, 1)
+    return resize(x, size) if size is not None else x
+
+
 def choose_samples(
     split: CifarSplit | torch.Tensor, n: int, seed: int = 0, balanced: bool = False
 ) -> torch.Tensor:
@@ -231,6 +273,10 @@ def choose_samples(
     has class counts that differ by at most one (until a class runs out of images).
     """
     labels = split.labels if isinstance(split, CifarSplit) else split
+    if labels is None:  # unlabelled images: a plain seeded draw
+        total = len(split)
+        balanced = False
+        labels = torch.zeros(total, dtype=torch.int64)
     total = int(labels.shape[0])
     if n < 1:
         raise OmpqError(f"the number of search samples must be at least 1, got {n}")
@@ -258,25 +304,34 @@ def choose_samples(
 
 
 def search_samples(
-    data_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str] | DataSource | None,
     spec: ModelSpec,
     n: int | None = None,
     seed: int = 0,
     balanced: bool = True,
     variant: Variant = "exact",
 ) -> torch.Tensor:
-    """N normalised *training* images for the search, float32 (N, *spec.input_size).
+    """N preprocessed *training* images for the search, float32 (N, *spec.input_size).
 
-    ``n`` defaults to ``spec.default_samples``. Images come from ``cifar10-<variant>``'s training
-    batches (never the test batch) and are normalised with the model's mean/std. For a model whose
-    input is not 32x32 (ImageNet-shape models) they are bilinearly upsampled to its size: that
-    serves structure and speed measurements only.
+    ``data`` is anything ``--data`` takes (see :func:`ompq_plugin.datasets.open_data`; None:
+    ``$OMPQ_DATA_DIR``, else the embedded CIFAR-10 sample) or an opened
+    :class:`~ompq_plugin.datasets.DataSource`. ``n`` defaults to ``spec.default_samples``.
+    Images come from the training split (never the test split of a source that has one), are
+    normalised with the spec's mean/std and resized (bilinear) to its input size.
     """
+    from ompq_plugin.datasets import DataSource, open_data
+
+    source = data if isinstance(data, DataSource) else open_data(data)
     n = spec.default_samples if n is None else n
-    train = load_cifar10(cifar_folder(data_dir, variant), "train")
+    train = source.split("train", variant, size=spec.input_size[1:])
+    check_channels(train, spec.input_size)
     chosen = train.subset(choose_samples(train, n, seed, balanced))
-    if spec.input_size[0] != IMAGE_SHAPE[0]:
-        raise OmpqError(f"model {spec.name} takes {spec.input_size[0]} input channels, CIFAR-10 "
-                        f"images have 3: pass input_size with 3 channels")
-    x = normalise(chosen.images, spec.mean, spec.std)
-    return resize(x, spec.input_size[1:]).contiguous()
+    return prepare(chosen.images, spec.mean, spec.std, spec.input_size[1:]).contiguous()
+
+
+def check_channels(images: CifarSplit, input_size: tuple[int, ...]) -> None:
+    """An error naming the fix when the images' channels differ from the model's input."""
+    if images.image_shape[0] != input_size[0]:
+        raise OmpqError(f"the model takes {input_size[0]} input channels but the images of "
+                        f"{images.source} have {images.image_shape[0]}: pass --input-size with "
+                        f"{images.image_shape[0]} channels or images with {input_size[0]}")

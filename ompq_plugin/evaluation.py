@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ompq_plugin.data import CifarSplit, normalise, resize
+from ompq_plugin.data import CifarSplit, prepare
 from ompq_plugin.errors import OmpqError
 
 if TYPE_CHECKING:
@@ -24,8 +24,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _norm_of(norm: object) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int] | None]:
-    if hasattr(norm, "mean") and hasattr(norm, "std"):
-        size = getattr(norm, "input_size", None)
+    if hasattr(norm, "mean") and hasattr(norm, "std"):  # a ModelSpec or an InputRecord
+        size = getattr(norm, "input_size", None) or getattr(norm, "size", None)
         hw = (int(size[1]), int(size[2])) if size else None
         return tuple(norm.mean), tuple(norm.std), hw
     if isinstance(norm, (tuple, list)) and len(norm) == 2:
@@ -52,14 +52,12 @@ def count_correct(
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    size: tuple[int, int] | None = None
-    if images.dtype == torch.uint8:
-        if norm is None:
-            raise OmpqError("uint8 images need a normalisation: pass the model's spec or "
-                            "(mean, std)")
-        mean, std, size = _norm_of(norm)
-    elif not images.is_floating_point():
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    if images.dtype == torch.uint8 and norm is None:
+        raise OmpqError("uint8 images need a normalisation: pass the model's spec or "
+                        "(mean, std)")
+    prep = None if norm is None else _norm_of(norm)
 
     device = _model_device(model)
     was_training = model.training
@@ -71,10 +69,8 @@ def count_correct(
             task = p.add_task("evaluating", total=total) if p is not None else None
             for start in range(0, total, batch_size):
                 x = images[start:start + batch_size]
-                if x.dtype == torch.uint8:
-                    x = normalise(x, mean, std)
-                    if size is not None:
-                        x = resize(x, size)
+                if prep is not None:
+                    x = prepare(x, *prep)
                 y = labels[start:start + batch_size].to(device)
                 out = model(x.to(device))
                 logits = out.value if hasattr(out, "value") else out  # Brevitas QuantTensor
@@ -97,10 +93,12 @@ def evaluate(
     """Top-1 accuracy in percent.
 
     ``data`` is a :class:`CifarSplit` (its labels are used) or an image tensor with ``labels``.
-    uint8 images are normalised batch by batch with ``norm`` (a ModelSpec, whose input size
-    also sets the resolution, or a ``(mean, std)`` pair); floating-point images are used as
-    given. Runs under ``torch.no_grad`` in eval mode on the model's device and restores the
-    model's train/eval mode afterwards. ``progress=True`` shows a rich progress bar.
+    With ``norm`` (a ModelSpec or InputRecord, whose input size also sets the resolution, or a
+    ``(mean, std)`` pair) images are prepared batch by batch: uint8 pixels scaled to 0..1, then
+    ``(x - mean) / std``, then resized; without it floating-point images are used as given
+    (uint8 images need ``norm``). Runs under ``torch.no_grad`` in eval mode on the model's
+    device and restores the model's train/eval mode afterwards. ``progress=True`` shows a rich
+    progress bar.
     """
     correct, total = count_correct(model, data, labels, norm, batch_size, progress)
     if total == 0:

@@ -93,7 +93,13 @@ def save_quantized(
     profile: HardwareProfile,
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``qmodel`` with everything needed to rebuild it, atomically."""
+    """Write ``qmodel`` with everything needed to rebuild it, atomically.
+
+    ``meta["input"]`` (size and mean/std the model takes) defaults to the BitConfig's record.
+    """
+    meta = dict(meta or {})
+    if "input" not in meta and bits.input is not None:
+        meta["input"] = bits.input.to_json()
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -101,7 +107,7 @@ def save_quantized(
         "bitconfig": bits.to_json(),
         "profile": profile_to_json(profile),
         "state_dict": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
-        "meta": _plain(meta or {}),
+        "meta": _plain(meta),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

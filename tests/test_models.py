@@ -13,8 +13,6 @@ from ompq_plugin.data import cifar_folder, load_cifar10
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.evaluation import count_correct, evaluate
 from ompq_plugin.models import (
-    CIFAR_IMAGENET_MEAN,
-    CIFAR_IMAGENET_STD,
     MODELS,
     build_model,
     load_checkpoint,
@@ -235,7 +233,8 @@ def test_user_factory(user_file: Path, tmp_path: Path) -> None:
     model, spec = build_model(f"{user_file}:make")
     assert isinstance(model, nn.Sequential) and not model.training and not spec.pretrained
     assert spec.input_size == (3, 32, 32)
-    assert (spec.mean, spec.std) == (CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD)
+    assert (spec.mean, spec.std) == ((0.0,) * 3, (1.0,) * 3)  # no normalisation unless given
+    assert spec.name == f"{user_file.resolve()}:make"  # absolute: works from any folder
     ck = tmp_path / "w.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ck)
     again, spec2 = build_model(f"{user_file}:make", weights=ck, input_size=(3, 64, 64),

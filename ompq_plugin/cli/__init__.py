@@ -75,12 +75,15 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str])
 
 def build_parser() -> argparse.ArgumentParser:
     from ompq_plugin.cli import demo_cmd, export_cmd, profiles_cmd, quant_cmd, search_cmd
+    from ompq_plugin.cli.common import HelpFormatter
 
     parser = _Parser(prog="ompq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo_cmd, profiles_cmd, search_cmd, quant_cmd, export_cmd):
         module.add_parser(sub)
     importlib.import_module("ompq_plugin.cli.pareto_cmd").add_parser(sub)
+    for command in sub.choices.values():  # every --help shows each option's default
+        command.formatter_class = HelpFormatter
     return parser
 
 

@@ -8,18 +8,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ompq_plugin.cli.common import add_data_option
 from ompq_plugin.errors import OmpqError
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="write a verified QONNX or QCDQ ONNX file")
     p.add_argument("qmodel", help="quantized model file (from `ompq quantize` / `ompq train`)")
-    p.add_argument("--format", choices=("qonnx", "qcdq"), default="qonnx")
+    p.add_argument("--format", choices=("qonnx", "qcdq"), default="qonnx",
+                   help="QONNX (Quant nodes, bit widths kept) or QCDQ (QuantizeLinear/"
+                   "DequantizeLinear, runs in onnxruntime)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--check", choices=("hls4ml",), action="append", default=[],
                    help="also convert with hls4ml and compare its C++ emulation bit for bit")
     p.add_argument("--images", type=int, default=8, help="real test images used to verify")
-    p.add_argument("--data", default=None, help="data folder (default $OMPQ_DATA_DIR)")
+    add_data_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_export)
 
@@ -29,17 +32,16 @@ def add_parser(sub: Any) -> None:
     q.set_defaults(func=run_inspect)
 
 
-def _images(norm: tuple[list[float], list[float]] | None, data_dir: str | None, n: int) -> Any:
-    """First ``n`` images of the exact CIFAR test split, normalised as the model was."""
-    from ompq_plugin import data
-    from ompq_plugin.models import CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD
+def _images(args: argparse.Namespace, meta: dict[str, Any], bits: Any) -> Any:
+    """The first ``--images`` test images, sized and normalised as the model was."""
+    from ompq_plugin.cli.common import note, open_source, prepared, recorded_input
 
-    if n < 1:
+    if args.images < 1:
         raise OmpqError("--images must be at least 1")
-    folder = data.cifar_folder(data.resolve_data_dir(data_dir), "exact")
-    split = data.load_cifar10(folder, "test")
-    mean, std = norm if norm else (CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD)
-    return data.normalise(split.images[:n], tuple(mean), tuple(std))
+    record = recorded_input(meta, bits)
+    note(record.describe() + f" (recorded in {args.qmodel})", args.json)
+    test = open_source(args).split("test", "exact", size=record.size[1:])
+    return prepared(test.images[: args.images], record)
 
 
 def _check_export_args(args: argparse.Namespace) -> Path:
@@ -62,21 +64,26 @@ def _check_export_args(args: argparse.Namespace) -> Path:
 def run_export(args: argparse.Namespace) -> int:
     output = _check_export_args(args)  # before the heavy imports: a refusal takes a moment
 
+    from ompq_plugin.cli.common import progress_step
     from ompq_plugin.exporters import export_qcdq, export_qonnx
     from ompq_plugin.fileio import atomic_path
     from ompq_plugin.qmodel_io import load_quantized
 
     loaded = load_quantized(args.qmodel)
     qmodel, bits = loaded.model, loaded.bits
-    images = _images(loaded.meta.get("norm"), args.data, args.images)
+    images = _images(args, loaded.meta, bits)
     export = export_qonnx if args.format == "qonnx" else export_qcdq
     # The file appears only when every requested check has passed.
     with atomic_path(output) as tmp:
-        report = export(qmodel, tmp, images, bits)
+        with progress_step(
+            f"export {args.format.upper()} and verify it on {len(images)} images", args.json
+        ):
+            report = export(qmodel, tmp, images, bits)
         if "hls4ml" in args.check:
             from ompq_plugin.exporters.hls4ml_check import check_hls4ml
 
-            report.hls4ml = check_hls4ml(tmp, images)
+            with progress_step("hls4ml conversion and C++ emulation", args.json):
+                report.hls4ml = check_hls4ml(tmp, images)
         report.path = output
         if report.hls4ml is not None and not report.hls4ml.bit_exact:
             print(report.hls4ml.summary())

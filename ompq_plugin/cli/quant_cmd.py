@@ -9,6 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ompq_plugin.cli.common import (
+    add_data_option,
+    add_input_options,
+    add_weights_guard,
+    build_for_cli,
+    input_of,
+    note,
+    open_source,
+    prepared,
+    progress_step,
+    recorded_input,
+    recorded_weights,
+    refuse_random,
+)
 from ompq_plugin.errors import Interrupted, OmpqError
 
 DEFAULT_LR = 0.002
@@ -18,23 +32,26 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("quantize", help="build the integer-only Brevitas model of a BitConfig")
     p.add_argument("--model", help="registry name or path/to/file.py:factory "
                    "(default: the model named in the BitConfig)")
-    p.add_argument("--weights", help="float checkpoint (default: the data folder's, if any)")
+    p.add_argument("--weights", help="float checkpoint (default: the one the BitConfig records, "
+                   "checked against its sha256; else the data folder's for a registry model)")
+    add_weights_guard(p)
     p.add_argument("--bits", required=True, help="BitConfig JSON from `ompq search`")
     p.add_argument("--profile", help="profile name or TOML path (default: the BitConfig's)")
-    p.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
+    add_data_option(p)
+    add_input_options(p)
     p.add_argument("--calib", type=int, default=256, help="calibration images (training split)")
     # default PTQ recipe: the one bench/allocation.py measured best on its validation split
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
-                   help="Brevitas bias correction after calibration (default: on)")
+                   help="correct each layer's bias for the mean quantization error")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
-                   help="Brevitas GPTQ weight rounding (default: on)")
+                   help="GPTQ weight rounding (slower, better)")
     p.add_argument("-o", "--output", required=True, help="quantized model file to write")
     p.set_defaults(func=run_quantize)
 
     t = sub.add_parser("train", help="quantization-aware fine-tuning of a quantized model file")
     t.add_argument("qmodel", help="file written by `ompq quantize`")
-    t.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
-    t.add_argument("--epochs", type=int, required=True)
+    add_data_option(t)
+    t.add_argument("--epochs", type=int, required=True, help="epochs over the training images")
     t.add_argument("--lr", type=float, default=None,
                    help=f"fine-tuning rate (default {DEFAULT_LR}: bench/accuracy.py measured it; "
                    "with --resume: the checkpoint's)")
@@ -43,7 +60,7 @@ def add_parser(sub: Any) -> None:
                    help="training images: 5,085 exact-pixel (default) or 50,000 JPEG "
                    "round-tripped (more images, but they pull the model towards JPEG pixels)")
     t.add_argument("--train-subset", type=int, help="use only the first N training images")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the shuffling and augmentation")
     t.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in OUTPUT.ckpt (with the same --epochs it "
                    "repeats an uninterrupted run; another --epochs re-plans the cosine from the "
@@ -57,29 +74,21 @@ def add_parser(sub: Any) -> None:
     e.add_argument("qmodel", nargs="?", help="file written by `ompq quantize` / `ompq train`, "
                    "or an ONNX file (QONNX runs in qonnx, QCDQ in onnxruntime)")
     e.add_argument("--model", help="float model: registry name or path/to/file.py:factory")
-    e.add_argument("--weights", help="float checkpoint (default: the data folder's, if any)")
-    e.add_argument("--data", help="data folder (default $OMPQ_DATA_DIR)")
+    e.add_argument("--weights", help="float checkpoint (default: the data folder's for a "
+                   "registry model, else random weights)")
+    add_data_option(e)
+    add_input_options(e, "a float --model (a quantized file uses its recorded input)")
     e.add_argument("--variant", choices=("exact", "jpeg"), default="exact",
                    help="test images: 1,017 exact (default) or 10,000 JPEG")
     e.set_defaults(func=run_eval)
 
 
-def _norm(spec: Any) -> list[list[float]]:
-    return [list(spec.mean), list(spec.std)]
-
-
 def run_quantize(args: argparse.Namespace) -> int:
     from ompq_plugin.bitconfig import BitConfig
-    from ompq_plugin.data import (
-        choose_samples,
-        cifar_folder,
-        load_cifar10,
-        normalise,
-        resolve_data_dir,
-    )
+    from ompq_plugin.data import choose_samples
     from ompq_plugin.fileio import check_writable
     from ompq_plugin.hw_profiles.loader import load_profile
-    from ompq_plugin.models import build_model
+    from ompq_plugin.models import absolute_target, file_sha256
     from ompq_plugin.ptq import calibrate
     from ompq_plugin.qmodel_io import save_quantized
     from ompq_plugin.quantizer import quantize
@@ -87,21 +96,27 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.calib < 1:
         raise OmpqError(f"--calib must be at least 1, got {args.calib}; pass e.g. --calib 256")
     check_writable(args.output)
-    data_dir = resolve_data_dir(args.data)
     bits = BitConfig.load(args.bits)
     profile = load_profile(args.profile or bits.profile)
-    model_name = args.model or bits.model
-    model, spec = build_model(model_name, args.weights, data_dir)
-    train = load_cifar10(cifar_folder(data_dir, "exact"), "train")
-    idx = choose_samples(train, args.calib, seed=0)
-    samples = normalise(train.images[idx], spec.mean, spec.std)
+    model_name = absolute_target(args.model or bits.model)
+    weights = recorded_weights(args.weights, bits)
+    source = open_source(args)
+    model, spec, train = build_for_cli(args, model_name, source, "train", bits.input, weights)
+    refuse_random(spec, args.random_weights)
+    record = input_of(spec)
+    samples = prepared(train.images[choose_samples(train, args.calib, seed=0)], record)
     qmodel = quantize(model, bits, profile)
-    calibrate(qmodel, samples, bias_correction=args.bias_correction, gptq=args.gptq)
-    meta = {"norm": _norm(spec), "calib": args.calib, "bias_correction": args.bias_correction,
-            "gptq": args.gptq, "float_weights": spec.weights_path}
+    what = " + ".join(["calibration"] + (["GPTQ"] if args.gptq else [])
+                      + (["bias correction"] if args.bias_correction else []))
+    with progress_step(f"{what} on {len(samples)} training images"):
+        calibrate(qmodel, samples, bias_correction=args.bias_correction, gptq=args.gptq)
+    meta = {"norm": [list(spec.mean), list(spec.std)], "input": record.to_json(),
+            "calib": args.calib, "bias_correction": args.bias_correction, "gptq": args.gptq,
+            "float_weights": spec.weights_path,
+            "float_weights_sha256": file_sha256(spec.weights_path) if spec.weights_path else None}
     save_quantized(args.output, qmodel, model_name, bits, profile, meta)
-    for note in qmodel.ompq_report.notes():
-        print(f"ompq: note: {note}", file=sys.stderr)
+    for text in qmodel.ompq_report.notes():
+        print(f"ompq: note: {text}", file=sys.stderr)
     print(f"wrote {args.output}: {len(bits.layers)} layers, average weight bits "
           f"{bits.average_weight_bits:.2f}, profile {profile.name}")
     return 0
@@ -165,23 +180,30 @@ def run_train(args: argparse.Namespace) -> int:
     point = _check_checkpoint(args, ckpt)
     lr = args.lr if args.lr is not None else point.plan.lr if point else DEFAULT_LR
 
-    from ompq_plugin.data import cifar_folder, load_cifar10, resolve_data_dir
+    import torch
+
     from ompq_plugin.qat import EpochStats, finetune
     from ompq_plugin.qmodel_io import load_quantized, save_quantized
 
-    data_dir = resolve_data_dir(args.data)
     loaded = load_quantized(args.qmodel)
-    norm = loaded.meta.get("norm")
-    if norm is None:
-        raise OmpqError(f"{args.qmodel} has no normalisation stored; re-create it with "
-                        "`ompq quantize`")
-    train = load_cifar10(cifar_folder(data_dir, args.train_variant), "train")
+    record = recorded_input(loaded.meta, loaded.bits)
+    note(record.describe() + f" (recorded in {args.qmodel})")
+    source = open_source(args)
+    size = record.size[1:]
+    train = source.split("train", args.train_variant, size=size)
     images, labels = train.images, train.labels
+    if labels is None:
+        raise OmpqError(f"{train.source} has no labels: training needs labelled images")
     if args.train_subset is not None:
         if not 1 <= args.train_subset <= len(labels):
             raise OmpqError(f"--train-subset must be 1..{len(labels)}, got {args.train_subset}")
         images, labels = images[: args.train_subset], labels[: args.train_subset]
-    val = load_cifar10(cifar_folder(data_dir, "exact"), "test")
+    val = source.split("test", "exact", size=size)
+    norm: Any = (record.mean, record.std)
+    val_images = val.images
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != record.size:
+        images, val_images, norm = prepared(images, record), prepared(val.images, record), None
+    validation = (val_images, val.labels) if val.labels is not None else None
     if point is not None:
         planned = point.plan.epochs
         print(f"resuming {ckpt}: epoch {point.epoch} of {planned} done"
@@ -202,8 +224,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         history = finetune(
-            loaded.model, (images, labels), (val.images, val.labels), args.epochs, lr,
-            batch_size=args.batch_size, norm=(tuple(norm[0]), tuple(norm[1])), seed=args.seed,
+            loaded.model, (images, labels), validation, args.epochs, lr,
+            batch_size=args.batch_size, norm=norm, seed=args.seed,
             checkpoint=ckpt, resume=args.resume, bits=loaded.bits,
             progress=not args.no_progress, on_epoch=on_epoch,
         )
@@ -211,6 +233,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         if not dist.is_initialized() or dist.get_rank() == 0:
             meta = dict(loaded.meta)
+            meta["input"] = record.to_json()
             meta["qat"] = {"epochs": args.epochs, "lr": lr, "train_variant": args.train_variant,
                            "train_images": len(labels),
                            "history": [h.__dict__ for h in history]}
@@ -228,36 +251,37 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ompq_plugin.cli.inputs import file_kind
-    from ompq_plugin.data import cifar_folder, load_cifar10, resolve_data_dir
     from ompq_plugin.evaluation import evaluate
-    from ompq_plugin.models import build_model
     from ompq_plugin.qmodel_io import load_quantized
 
     if (args.qmodel is None) == (args.model is None):
         raise OmpqError("pass either a model file (quantized .pt or exported .onnx) or --model "
                         "(with optional --weights), not both")
-    onnx_file = args.qmodel is not None and file_kind(args.qmodel) == "onnx"
-    data_dir = resolve_data_dir(args.data)
-    test = load_cifar10(cifar_folder(data_dir, args.variant), "test")
-    if onnx_file:
+    source = open_source(args)
+    if args.qmodel is not None and file_kind(args.qmodel) == "onnx":
         from ompq_plugin.onnx_eval import evaluate_onnx
 
+        test = source.split("test", args.variant)
+        if test.labels is None:
+            raise OmpqError(f"{test.source} has no labels: evaluation needs labelled images")
         result = evaluate_onnx(args.qmodel, test.images.numpy(), test.labels.numpy())
         print(f"{args.qmodel} ({result.runtime}): top-1 {result.top1:.2f}% on {result.images} "
-              f"{args.variant} test images (normalised with {result.norm_source})")
+              f"test images of {source.description} (normalised with {result.norm_source})")
         return 0
     if args.qmodel is not None:
         loaded = load_quantized(args.qmodel)
         model: Any = loaded.model
-        norm = loaded.meta.get("norm")
-        if norm is None:
-            raise OmpqError(f"{args.qmodel} has no normalisation stored; re-create it")
+        record = recorded_input(loaded.meta, loaded.bits)
+        note(record.describe() + f" (recorded in {args.qmodel})")
+        test = source.split("test", args.variant, size=record.size[1:])
         what = f"{args.qmodel} ({loaded.model_name}, {loaded.bits.average_weight_bits:.2f}-bit avg)"
-        mean_std: Any = (tuple(norm[0]), tuple(norm[1]))
     else:
-        model, spec = build_model(args.model, args.weights, data_dir)
-        mean_std = spec
+        model, spec, test = build_for_cli(args, args.model, source, "test", None, args.weights)
+        record = input_of(spec)
         what = f"{args.model} (float{'' if spec.pretrained else ', random weights'})"
-    acc = evaluate(model, test, norm=mean_std)
-    print(f"{what}: top-1 {acc:.2f}% on {len(test.labels)} {args.variant} test images")
+    if test.labels is None:
+        raise OmpqError(f"{test.source} has no labels: evaluation needs labelled images")
+    with progress_step(f"evaluating on {len(test)} test images"):
+        acc = evaluate(model, test, norm=record)
+    print(f"{what}: top-1 {acc:.2f}% on {len(test)} test images of {source.description}")
     return 0

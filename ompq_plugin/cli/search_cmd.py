@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
@@ -33,15 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="importance spread for the ORM methods (default: the method's, "
                    + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (default %(default)s): "
                    + "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
     p.add_argument("--hessian-images", type=int, default=HAWQ_IMAGES,
                    help="labelled training images for --method hawq (default %(default)s)")
-    p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"])
+    p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"],
+                   help="centred Grams (linear CKA, the authors' code) or the paper's Eq. 6")
     p.add_argument(
-        "--importance", default="exp", choices=["exp", "neglog", "neg", "negcube", "negexp"]
+        "--importance", default="exp", choices=["exp", "neglog", "neg", "negcube", "negexp"],
+        help="importance function of gamma: exp(-beta g) or the paper's alternatives",
     )
     p.add_argument("--pin", action="append", default=[], metavar="NAME=W/A",
                    help="fix a layer's bits (repeatable; * leaves one side free)")
@@ -84,10 +87,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ompq_plugin.data import resolve_data_dir, search_samples
+    from ompq_plugin.cli.common import build_for_cli, open_source
+    from ompq_plugin.data import search_samples
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import discover_layers
-    from ompq_plugin.models import build_model
     from ompq_plugin.searcher import parse_pin, run_search
 
     for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples",
@@ -98,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
     _check_outputs(args)
     profile = load_profile(args.profile)
-    data_dir = resolve_data_dir(args.data)
-    model, spec = build_model(args.model, args.weights, data_dir)
-    samples = search_samples(data_dir, spec, args.samples, seed=args.seed)
-    labelled = (_hessian_images(data_dir, spec, args.hessian_images, args.seed)
+    source = open_source(args)
+    model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
+    samples = search_samples(source, spec, args.samples, seed=args.seed)
+    labelled = (_hessian_images(source, spec, args.hessian_images, args.seed)
                 if args.method == "hawq" else None)
     # only the layers the search quantizes (a weight used through F.linear is not one of them)
     total_params = discover_layers(model, samples[:1]).total_params
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         act_bits=args.act_bits,
         labelled=labelled,
     )
-    config = result.config
+    config = result.config.with_model_info(spec)
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
     figures = {}  # drawn first: a failure there leaves no file at all
@@ -170,11 +173,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hessian_images(data_dir: object, spec: object, n: int, seed: int) -> tuple[object, object]:
-    """HAWQ's labelled images: ``n`` exact-pixel training images, class-balanced."""
-    from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise, resize
+def _hessian_images(source: Any, spec: Any, n: int, seed: int) -> tuple[Any, Any]:
+    """HAWQ's labelled images: ``n`` training images, class-balanced, prepared as the model's."""
+    from ompq_plugin.data import choose_samples, prepare
 
-    train = load_cifar10(cifar_folder(data_dir, "exact"), "train")  # type: ignore[arg-type]
+    train = source.split("train", "exact", size=spec.input_size[1:])
+    if train.labels is None:
+        raise OmpqError(f"--method hawq needs labelled training images; {train.source} has no "
+                        "labels: pass --data with labels or choose another --method")
     idx = choose_samples(train, n, seed=seed + 1, balanced=True)
-    x = normalise(train.images[idx], spec.mean, spec.std)  # type: ignore[attr-defined]
-    return resize(x, spec.input_size[1:]).contiguous(), train.labels[idx]  # type: ignore[attr-defined]
+    x = prepare(train.images[idx], spec.mean, spec.std, spec.input_size[1:])
+    return x.contiguous(), train.labels[idx]

@@ -21,13 +21,16 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.models import cifar_resnet, imagenet_resnet, mobilenetv2
+
+if TYPE_CHECKING:
+    from ompq_plugin.datasets import DataSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -293,7 +296,7 @@ def _check_norm(input_size: tuple[int, ...], mean: tuple[float, ...],
 def build_model(
     model: str,
     weights: str | os.PathLike[str] | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | DataSource | None = None,
     *,
     input_size: tuple[int, int, int] | None = None,
     mean: tuple[float, ...] | None = None,
@@ -302,22 +305,27 @@ def build_model(
 ) -> tuple[nn.Module, ModelSpec]:
     """Build ``model`` (a registry name or ``path/to/file.py:factory``) in eval mode.
 
-    Weights: ``weights`` if given; otherwise, for a registry model with real weights and a
-    ``data_dir``, ``data_dir / spec.weights_file``; otherwise random initialisation. The returned
-    spec's ``pretrained`` says whether weights were loaded, ``weights_path`` which ones.
+    Weights: ``weights`` if given; otherwise, for a registry model with real weights, the
+    checkpoint of ``data_dir`` (a data folder holding ``weights/``, or an opened
+    :class:`~ompq_plugin.datasets.DataSource`; the embedded source gives the embedded
+    ResNet-20); otherwise random initialisation. The returned spec's ``pretrained`` says whether
+    weights were loaded, ``weights_path`` which ones (absolute).
 
-    A user factory is called with no arguments. Its spec defaults to CIFAR input (3, 32, 32) with
-    akamaster's normalisation (the ImageNet mean/std, as the CIFAR ResNets here use) and
-    64 search samples; ``input_size``, ``mean``, ``std`` and ``default_samples`` override them
-    (for registry models too).
+    A user factory is called with no arguments; its spec's ``name`` is the factory with an
+    absolute file path, so it can be rebuilt from any folder. Its input defaults to (3, 32, 32)
+    with **no** normalisation (mean 0, std 1: uint8 pixels are only scaled to 0..1) and 64 search
+    samples; ``input_size``, ``mean``, ``std`` and ``default_samples`` override them (for
+    registry models too).
     """
     if model in MODELS:
         spec = MODELS[model]
         net = spec.factory()
     elif ":" in model or model.endswith(".py"):
         net = _user_model(model)
+        model = absolute_target(model)
+        c = int(input_size[0]) if input_size is not None else 3
         spec = ModelSpec(name=model, factory=functools.partial(_user_model, model),
-                         input_size=(3, 32, 32), mean=CIFAR_IMAGENET_MEAN, std=CIFAR_IMAGENET_STD,
+                         input_size=(c, 32, 32), mean=(0.0,) * c, std=(1.0,) * c,
                          default_samples=64)
     else:
         spec = get_spec(model)  # raises the "unknown model" error
@@ -338,17 +346,54 @@ def build_model(
     if weights is not None:
         path = Path(weights).expanduser()
     elif data_dir is not None and spec.weights_file is not None:
-        path = _registry_weights(Path(data_dir), spec)
+        path = _registry_weights(data_dir, spec)
     if path is not None:
         load_checkpoint(net, path)
-        spec = dataclasses.replace(spec, pretrained=True, weights_path=str(path))
+        spec = dataclasses.replace(spec, pretrained=True, weights_path=str(path.resolve()))
     return net.eval(), spec
 
 
-def _registry_weights(data_dir: Path, spec: ModelSpec) -> Path:
-    """``data_dir / weights_file``; also tried next to a CIFAR batch folder given as data_dir."""
+def absolute_target(model: str) -> str:
+    """``path/to/file.py:factory`` with an absolute path (registry names unchanged)."""
+    file_part, sep, attr = model.rpartition(":")
+    if model in MODELS or not sep or not file_part:
+        return model
+    return f"{Path(file_part).expanduser().resolve()}:{attr}"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _registry_weights(data: str | os.PathLike[str] | DataSource, spec: ModelSpec) -> Path:
+    """The checkpoint of a registry model: ``weights/<file>`` of the data folder (also tried
+    next to a CIFAR batch folder given as data), or the embedded one for the embedded data."""
+    from ompq_plugin.datasets import DataSource
+
     assert spec.weights_file is not None
-    for base in (data_dir, data_dir.parent):
+    if isinstance(data, DataSource):
+        if data.kind == "embedded":
+            from ompq_plugin import embedded
+
+            found = embedded.weights_path(spec.name)
+            if found is None:
+                raise OmpqError(f"no pretrained weights for {spec.name} ship with the package "
+                                f"(only resnet20): pass --weights PATH or --data a folder "
+                                f"holding weights/")
+            return found
+        if data.weights_dir is None:
+            raise OmpqError(f"{data.description} holds no weights for {spec.name}: pass "
+                            f"--weights PATH")
+        bases: tuple[Path, ...] = (data.weights_dir.parent,)
+        data_dir = data.weights_dir.parent
+    else:
+        data_dir = Path(data)
+        bases = (data_dir, data_dir.parent)
+    for base in bases:
         candidate = base / spec.weights_file
         if candidate.is_file():
             return candidate

@@ -1,7 +1,7 @@
 """Which exact method solves a problem: the DP for Eq. 10, HiGHS for per-option objectives.
 
 Measured on 90 ResNet-50 instances (``bench/results/solvers.json``): with the linear Eq. 10
-objective the DP was the fastest exact method on 56 of 60 instances (the other 4 within 0.07 s)
+objective the DP was the fastest exact method on 56 of 60 instances (the other 4 within 0.1 s)
 and HiGHS left some unproven at 10 s; with error-shaped per-option values HiGHS proved all 30
 and the DP timed out on 4. So "auto" runs the DP on Eq. 10 problems (HiGHS when the DP's
 states outgrow its limit) and HiGHS on per-option problems.

@@ -125,3 +125,21 @@ def test_finn_full_range_search_then_quantize(data_dir, tmp_path, capsys) -> Non
     report = loaded.model.ompq_report
     for lb in config.layers:
         assert report.weight_bits[lb.name] == lb.weight_bits
+
+
+def test_profile_offering_one_bit_is_refused_before_any_work() -> None:
+    """A width quantize cannot build is never searched: a user profile with 1 bit stops early."""
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+
+    from ompq_plugin.errors import OmpqError
+    from ompq_plugin.hw_profiles.profile import BitChoices
+    from ompq_plugin.searcher import run_search
+
+    finn = load_profile("finn")
+    one_bit = replace(finn, default_bits=BitChoices((1, 2, 4), (2, 4)))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    with pytest.raises(OmpqError, match=r"\[1\]-bit widths.*cannot build"):
+        run_search(model, torch.randn(4, 3, 8, 8), one_bit)

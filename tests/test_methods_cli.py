@@ -132,10 +132,10 @@ def test_profile_offering_one_bit_is_refused_before_any_work() -> None:
     from dataclasses import replace
 
     import torch
+    from ompq_plugin.hw_profiles.profile import BitChoices
     from torch import nn
 
     from ompq_plugin.errors import OmpqError
-    from ompq_plugin.hw_profiles.profile import BitChoices
     from ompq_plugin.searcher import run_search
 
     finn = load_profile("finn")

@@ -201,10 +201,9 @@ def stage_validate(out: dict, model: torch.nn.Module, data: Data, save: callable
     rows.setdefault("float", {"top1": 100 * float(base.mean())})
     full = "calib+gptq+bc"
     grid = [("avg2.5", "ompq-noise", b, 64, full) for b in (0.0, 0.3, 1.0, 3.0)]
-    grid += [("avg3", "ompq-noise", b, 64, full) for b in (0.0, 0.3, 1.0, 3.0)]
-    grid += [("avg2.5", "ompq-noise", 1.0, n, full) for n in (32, 128)]
     grid += [("avg2.5", "ompq-noise", 1.0, 64, r) for r in ("calib", "calib+bc")]
-    grid += [(b, m, None, 64, full) for b in ("avg2.5", "avg3") for m in ("uniform", "ompq")]
+    grid += [("avg3", "ompq-noise", b, 64, full) for b in (0.0, 1.0)]
+    grid += [("avg2.5", "ompq-noise", 1.0, n, full) for n in (32, 128)]
     for budget, method, beta, n, recipe in grid:
         key = f"resnet20/{budget}/{method}/beta={beta}/N={n}/{recipe}"
         if key in rows:
@@ -348,6 +347,44 @@ def summarise(out: dict) -> None:
     out["hessian_over_default_search"] = costs
 
 
+def markdown(out: dict) -> str:
+    """The README table: one line per (model, budget, method), p-values against the default."""
+    tests = out.get("mcnemar_vs_default", {})
+    lines = [
+        "| model | budget | method | avg W bits | exact | JPEG-10k | p exact | p JPEG | "
+        "search s (x fwd) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = out.get("rows", {})
+    for key in sorted(
+        rows,
+        key=lambda k: (
+            k.split("/")[0],
+            BUDGETS.index(k.split("/")[1]),
+            METHODS.index(k.split("/")[2]),
+        ),
+    ):
+        r = rows[key]
+        t = tests.get(f"ptq/{key}")
+        p_ex = "-" if t is None else f"{t['exact']['p']:.2g}"
+        p_jp = "-" if t is None else f"{t['jpeg']['p']:.2g}"
+        lines.append(
+            f"| {r['model']} | {r['budget']} | {r['method']} | {r['average_weight_bits']:.2f} | "
+            f"{r['exact_1017']:.2f} | {r['jpeg_10000']:.2f} | {p_ex} | {p_jp} | "
+            f"{r['search_s']:.1f} ({r['search_over_forward']:.0f}x) |"
+        )
+    for key, r in sorted(out.get("qat", {}).items()):
+        t = tests.get(f"qat/{key}")
+        p_ex = "-" if t is None else f"{t['exact']['p']:.2g}"
+        p_jp = "-" if t is None else f"{t['jpeg']['p']:.2g}"
+        model, budget, method = key.split("/")
+        lines.append(
+            f"| {model} QAT | {budget} | {method} | - | {r['exact_1017']:.2f} | "
+            f"{r['jpeg_10000']:.2f} | {p_ex} | {p_jp} | - |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("OMPQ_DATA_DIR", "/work/shared/data"))
@@ -360,6 +397,12 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--output", default=str(ROOT / "bench/results/allocation.json"))
+    ap.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated result files of parallel runs "
+        "(their rows are merged into --output before the summary)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -386,8 +429,17 @@ def main() -> int:
     def save() -> None:
         write_text_atomic(str(path), json.dumps(out, indent=1) + "\n")
 
+    for other in filter(None, args.merge.split(",")):
+        part = json.loads(Path(other).read_text())
+        for section in ("rows", "qat", "float_forward_s", "validation"):
+            out.setdefault(section, {}).update(part.get(section, {}))
     stages = args.stages.split(",")
     cache_hessian_traces()
+    if stages == ["summary"]:
+        summarise(out)
+        save()
+        print(markdown(out))
+        return 0
     for name in args.models.split(","):
         model, spec = build_model(name, Path(args.data) / "weights" / f"{name}.th")
         model.eval()

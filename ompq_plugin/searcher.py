@@ -168,8 +168,11 @@ def run_search(
         theta=theta, act_errors=stats.errors if stats is not None else {},
         labelled=labelled, seed=seed, timings=timings,
     )
-    allocation = (solve_uniform(problem, time_limit_s) if method == "uniform"
-                  else solve(problem, time_limit_s=time_limit_s))
+    if method == "uniform":
+        default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
+        allocation = solve_uniform(problem, time_limit_s, frozenset(default_pins - set(pins or {})))
+    else:
+        allocation = solve(problem, time_limit_s=time_limit_s)
     timings["solve_s"] = allocation.solve_s
     timings["total_s"] = time.perf_counter() - start_all
 

@@ -39,8 +39,8 @@ def test_cli_search_round_trip_per_method(method: str, data_dir, tmp_path, capsy
     assert config.method == method and config.average_weight_bits <= 3
     free = config.layers[1:-1]
     assert {lb.weight_bits for lb in free} <= set(range(2, 9))
-    if method == "uniform":
-        assert {lb.weight_bits for lb in free} == {2}  # 3 bits on the free layers would not fit
+    if method == "uniform":  # W3 with 8-bit ends would not fit 3 bits: every layer at 3
+        assert {lb.weight_bits for lb in config.layers} == {3}
     if method in ("ompq", "ompq-noise"):
         assert all(lb.theta is not None for lb in free)
 
@@ -125,3 +125,21 @@ def test_finn_full_range_search_then_quantize(data_dir, tmp_path, capsys) -> Non
     report = loaded.model.ompq_report
     for lb in config.layers:
         assert report.weight_bits[lb.name] == lb.weight_bits
+
+
+def test_profile_offering_one_bit_is_refused_before_any_work() -> None:
+    """A width quantize cannot build is never searched: a user profile with 1 bit stops early."""
+    from dataclasses import replace
+
+    import torch
+    from ompq_plugin.hw_profiles.profile import BitChoices
+    from torch import nn
+
+    from ompq_plugin.errors import OmpqError
+    from ompq_plugin.searcher import run_search
+
+    finn = load_profile("finn")
+    one_bit = replace(finn, default_bits=BitChoices((1, 2, 4), (2, 4)))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    with pytest.raises(OmpqError, match=r"\[1\]-bit widths.*cannot build"):
+        run_search(model, torch.randn(4, 3, 8, 8), one_bit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -157,40 +158,36 @@ def _hawq_act_values(
     return out
 
 
-def solve_uniform(problem: AllocationProblem, time_limit_s: float = 60.0) -> Allocation:
-    """The widest uniform (w, a) over the free layers that meets every budget.
+def solve_uniform(
+    problem: AllocationProblem, time_limit_s: float = 60.0, soft_pins: frozenset[str] = frozenset()
+) -> Allocation:
+    """The widest uniform (w, a) that meets every budget.
 
-    A layer that cannot run the width takes its widest allowed width below it (or its narrowest
-    one); pins stay as given."""
+    Widths are tried widest first; for each, first with every pin, then with the ``soft_pins``
+    (the default first/last-layer pins) set to the same width too, so that "uniform W3" at a
+    3-bit average is all layers at 3 bits rather than W2 under 8-bit ends. A layer that cannot
+    run the width takes its widest allowed width below it (or its narrowest one)."""
     start = time.perf_counter()
-    free = [lay for lay in problem.layers if lay.name not in problem.pins]
-    widths_w = sorted({b for lay in free for b in lay.weight_choices})
-    widths_a = sorted({b for lay in free for b in lay.act_choices})
     last: InfeasibleBudgetError | None = None
-    for w, a in uniform_order(widths_w, widths_a):
-        pins = dict(problem.pins)
-        for lay in free:
-            pins[lay.name] = (_nearest(lay.weight_choices, w), _nearest(lay.act_choices, a))
-        try:
-            alloc = solve(
-                AllocationProblem(problem.layers, problem.weight_coeff, problem.budgets, pins),
-                time_limit_s=time_limit_s,
-            )
-        except InfeasibleBudgetError as exc:
-            last = exc
-            continue
-        return Allocation(
-            alloc.weight_bits,
-            alloc.act_bits,
-            alloc.objective,
-            alloc.weight_memory_bits,
-            alloc.bops,
-            alloc.max_act_buffer_bits,
-            time.perf_counter() - start,
-            alloc.status,
-            "uniform",
-        )
-    raise last if last is not None else OmpqError("no free layer to allocate")
+    for w, a in uniform_order(
+        sorted({b for lay in problem.layers for b in lay.weight_choices}),
+        sorted({b for lay in problem.layers for b in lay.act_choices}),
+    ):
+        for release in (frozenset(), soft_pins):
+            pins = {n: p for n, p in problem.pins.items() if n not in release}
+            for lay in problem.layers:
+                if lay.name not in pins:
+                    pins[lay.name] = (_nearest(lay.weight_choices, w), _nearest(lay.act_choices, a))
+            try:
+                alloc = solve(
+                    AllocationProblem(problem.layers, problem.weight_coeff, problem.budgets, pins),
+                    time_limit_s=time_limit_s,
+                )
+            except InfeasibleBudgetError as exc:
+                last = exc
+                continue
+            return replace(alloc, solve_s=time.perf_counter() - start, solver="uniform")
+    raise last if last is not None else OmpqError("no layer to allocate")
 
 
 def _nearest(choices: tuple[int, ...], width: int) -> int:

@@ -215,7 +215,9 @@ def act_quant(g: Graph, layer: onnx.NodeProto) -> onnx.NodeProto | None:
             return None
         if node.op_type in QUANT_OPS or node.op_type == "DequantizeLinear":
             return node
-        if node.op_type not in PASS_THROUGH_OPS:
+        # a global average pool we exported as a depthwise conv (exporters.targets) counts as
+        # the pool it stands for
+        if node.op_type not in PASS_THROUGH_OPS and node_meta(node).get("role") != "pool":
             return None
         name = node.input[0]
     return None

@@ -16,6 +16,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("qmodel", help="quantized model file (from `ompq quantize` / `ompq train`)")
     p.add_argument("--format", choices=("qonnx", "qcdq"), default="qonnx")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--target", choices=("generic", "hls4ml", "finn"), default=None,
+                   help="compiler the QONNX graph is shaped for (default: the model's profile)")
     p.add_argument("--check", choices=("hls4ml",), action="append", default=[],
                    help="also convert with hls4ml and compare its C++ emulation bit for bit")
     p.add_argument("--images", type=int, default=8, help="real test images used to verify")
@@ -49,11 +51,17 @@ def run_export(args: argparse.Namespace) -> int:
     loaded = load_quantized(args.qmodel)
     qmodel, bits = loaded.model, loaded.bits
     images = _images(loaded.meta.get("norm"), args.data, args.images)
-    export = export_qonnx if args.format == "qonnx" else export_qcdq
-    report = export(qmodel, Path(args.output), images, bits)
     if "hls4ml" in args.check:
         if args.format != "qonnx":
             raise OmpqError("--check hls4ml needs --format qonnx")
+        if args.target not in (None, "hls4ml"):
+            raise OmpqError("--check hls4ml needs --target hls4ml (or no --target)")
+        args.target = "hls4ml"
+    if args.format == "qonnx":
+        report = export_qonnx(qmodel, Path(args.output), images, bits, target=args.target)
+    else:
+        report = export_qcdq(qmodel, Path(args.output), images, bits)
+    if "hls4ml" in args.check:
         from ompq_plugin.exporters.hls4ml_check import check_hls4ml
 
         report.hls4ml = check_hls4ml(report.path, images)

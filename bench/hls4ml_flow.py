@@ -23,10 +23,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 def main() -> None:
-    from test_export import quantized_resnet20, real_images
-
     from ompq_plugin.exporters import export_qonnx
     from ompq_plugin.exporters.hls4ml_check import check_hls4ml
+    from test_export import quantized_resnet20, real_images
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=64)

@@ -316,11 +316,12 @@ def run_qonnx_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
 
 
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
-                    path: Path) -> onnx.ModelProto:
+                    path: Path, **options: Any) -> onnx.ModelProto:
+    """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn(qmodel, args=image, export_path=str(path), dynamo=False)
+            fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
     except OmpqError:
         raise
     except Exception as exc:  # Brevitas / torch.onnx raise many types

@@ -108,7 +108,10 @@ def test_export_small_verified_and_annotated(small, images, tmp_path, fmt):
     assert report.n_images == 8
     assert report.bits == {n: wa for n, wa in SMALL_BITS.items()}
     assert set(report.node_map) == set(SMALL_BITS)
-    assert _no_leftovers(tmp_path) == ["m.onnx"]
+    # the BitConfig's profile is hls4ml: the QONNX file comes with its hls4ml config entries
+    hls = ["m.hls4ml.json"] if fmt == "qonnx" else []
+    assert _no_leftovers(tmp_path) == [*hls, "m.onnx"]
+    assert report.target == ("hls4ml" if fmt == "qonnx" else "generic")
     # annotations survive the save / reload
     model = onnx.load(str(tmp_path / "m.onnx"))
     meta = V.model_meta(model)
@@ -330,3 +333,26 @@ def test_resnet20_generic_profile_float_scales(data_dir, tmp_path, fmt):
     assert "rounding-boundary flip" in report.summary()
     assert report.bits == {lb.name: (lb.weight_bits, lb.act_bits) for lb in bits.layers} | {
         n: wa for n, wa in report.bits.items() if n not in bits.by_name()}
+
+
+# ------------------------------------------------------------------------------------------------
+# QCDQ: dynamic batch axis, onnxruntime at batch 1 and 64 agree with torch bit for bit
+
+
+def test_qcdq_dynamic_batch_1_and_64(small, data_dir, tmp_path):
+    import onnxruntime as ort
+
+    report = export_qcdq(small, tmp_path / "q.onnx", real_images(data_dir, 8), small_bitconfig())
+    model = onnx.load(str(report.path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value  # a named, free batch axis
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    x = real_images(data_dir, 64)
+    with torch.no_grad():
+        ref = small(x).numpy()
+    name = sess.get_inputs()[0].name
+    batch64 = sess.run(None, {name: x.numpy()})[0]
+    batch1 = np.concatenate([sess.run(None, {name: x[i : i + 1].numpy()})[0] for i in range(64)])
+    assert batch64.shape == (64, 10)
+    np.testing.assert_array_equal(batch64, batch1)
+    np.testing.assert_array_equal(batch64, ref)

@@ -1,21 +1,17 @@
-"""hls4ml check (extra ``hls4ml``): convert an exported QONNX file with hls4ml, build the C++
-emulation with g++ (``compile()``, no Vivado/Vitis needed) and compare its predictions with qonnx
-bit for bit on real images.
+"""hls4ml check (extra ``hls4ml``): hls4ml's documented QONNX flow on the exported file, as a
+user runs it, and its C++ emulation (``compile()``, g++, no Vivado/Vitis) compared with qonnx bit
+for bit on real images. Nothing is rewritten here; the calls are exactly those in the README:
 
-Preparation of the graph (on a copy; the written file is not changed):
-qonnx cleanup -> ``ConvertToChannelsLastAndClean(make_input_channels_last=True)`` ->
-``GemmToMatMul`` -> cleanup -> config (``granularity='name'``, Vitis backend, ``io_stream``).
+qonnx ``cleanup_model`` -> ``ConvertToChannelsLastAndClean(make_input_channels_last=True)`` ->
+``GemmToMatMul`` -> ``cleanup_model``; ``config_from_onnx_model(granularity='name',
+backend='Vitis')`` updated with the file's own entries (``<stem>.hls4ml.json`` beside it, also in
+its ``ompq.hls4ml_config`` metadata: the input precision, see :mod:`exporters.targets`);
+``convert_from_onnx_model(io_type='io_stream', backend='Vitis')``; ``compile()``; ``predict()``
+on channels-last float32 images.
 
-Two pitfalls found and worked around here:
-
-* **GlobalAveragePool layout**: qonnx has no channels-last GlobalAveragePool, so it leaves
-  ``Transpose(NHWC->NCHW) -> GlobalAveragePool``; hls4ml parses that pool as channels-last with
-  (C, H, W) taken from the NCHW shape, and its io_stream Transpose really transposes the data,
-  so the pool averages the wrong elements. We replace the pair by a channels-last
-  ``AveragePool`` with kernel = stride = (H, W) (hls4ml turns it into a global pool).
-* **Pool precision**: hls4ml gives the average the *input* precision ('auto'), which drops the
-  fractional bits of the mean; we set the pool's accumulator / result to the exact fixed-point
-  type (input bits + log2(H*W) fractional bits).
+What makes the file hls4ml-ready is done at export (``target='hls4ml'``): the global average
+pool as a depthwise conv, 1-element bias quantizer parameters. On a mismatch the conversion is
+repeated with hls4ml's layer tracing to name the first differing layer.
 
 Bit-exactness needs power-of-two, per-tensor scales with zero offset (hls4ml maps those to
 ap_fixed); other scales make hls4ml insert ApplyAlpha rescaling, which is not exact, so they are
@@ -27,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import os
 import tempfile
@@ -37,13 +34,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from ompq_plugin.errors import OmpqError
 
 from . import verify as V
-
-DEFAULT_PRECISION = "fixed<32,16>"
 
 
 @dataclass
@@ -117,58 +111,6 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleanup_model(w).model
 
 
-def _fixed(bits: int, int_bits: int, signed: bool) -> str:
-    return f"{'fixed' if signed else 'ufixed'}<{bits},{int_bits}>"
-
-
-def fix_global_pools(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
-    """Replace Transpose(0,3,1,2) -> GlobalAveragePool by a channels-last AveragePool, in place.
-    Returns the hls4ml precision to set per pool layer name."""
-    from qonnx.core.modelwrapper import ModelWrapper
-
-    w = ModelWrapper(model)
-    g = w.graph
-    precisions: dict[str, dict[str, str]] = {}
-    for gap in [n for n in g.node if n.op_type == "GlobalAveragePool"]:
-        prod = w.find_producer(gap.input[0])
-        if prod is None or prod.op_type != "Transpose":
-            continue
-        perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), None)
-        if perm != [0, 3, 1, 2]:
-            continue
-        src = prod.input[0]
-        n, h, wd, c = w.get_tensor_shape(src)
-        new_out = gap.output[0] + "_cl"
-        pool = helper.make_node("AveragePool", [src], [new_out], name=gap.name,
-                                domain="qonnx.custom_op.channels_last",
-                                kernel_shape=[h, wd], strides=[h, wd], pads=[0, 0, 0, 0])
-        idx = list(g.node).index(gap)
-        g.node.insert(idx, pool)
-        g.node.remove(gap)
-        g.value_info.append(helper.make_tensor_value_info(new_out, TensorProto.FLOAT,
-                                                          [n, 1, 1, c]))
-        for cons in w.find_consumers(gap.output[0]) or []:
-            for i, name in enumerate(cons.input):
-                if name == gap.output[0]:
-                    cons.input[i] = new_out
-        if not w.find_consumers(prod.output[0]):
-            g.node.remove(prod)
-        # exact precision of the mean of H*W values of the input quantizer's grid
-        q = w.find_producer(src)
-        info = V.quant_info(V.Graph(model), q) if q is not None else None
-        if info is not None and info.scale is not None and np.asarray(info.scale).size == 1:
-            f = -round(math.log2(float(np.asarray(info.scale).ravel()[0])))
-            k = math.ceil(math.log2(h * wd))
-            extra = 0 if (h * wd) == 2**k else 8  # not a power of two: not exact anyway
-            signed = bool(info.signed)
-            int_bits = info.bits - f
-            precisions[gap.name] = {
-                "accum": _fixed(info.bits + 2 * k + extra, int_bits + k, signed),
-                "result": _fixed(info.bits + k + extra, int_bits, signed),
-            }
-    return precisions
-
-
 def _qonnx_ctx(model: onnx.ModelProto, image: np.ndarray) -> dict[str, np.ndarray]:
     import qonnx.core.onnx_exec as oxe
     from qonnx.core.modelwrapper import ModelWrapper
@@ -201,15 +143,49 @@ def _first_diverging(hm: Any, cl: onnx.ModelProto, image: np.ndarray) -> str | N
     return None
 
 
+def config_entries(model: onnx.ModelProto) -> dict[str, Any]:
+    """The file's own hls4ml config entries (``ompq.hls4ml_config``), else computed from it."""
+    from . import targets
+
+    meta = V.model_meta(model).get("ompq.hls4ml_config")
+    return json.loads(meta) if meta else targets.hls4ml_config(model)
+
+
+def hls4ml_config(hls4ml: Any, prepared: onnx.ModelProto, entries: dict[str, Any],
+                  trace: bool) -> dict[str, Any]:
+    """``config_from_onnx_model(granularity='name', backend='Vitis')`` + the file's entries."""
+    config = hls4ml.utils.config.config_from_onnx_model(prepared, granularity="name",
+                                                        backend="Vitis")
+    for name, entry in entries.items():
+        config["LayerName"].setdefault(name, {}).update(entry)
+    if trace:
+        for layer_cfg in config["LayerName"].values():
+            layer_cfg["Trace"] = True
+    return config
+
+
+def _convert(hls4ml: Any, prepared: onnx.ModelProto, entries: dict[str, Any], folder: Path,
+             trace: bool, log: io.StringIO) -> tuple[Any, float, float]:
+    with contextlib.redirect_stdout(log):
+        config = hls4ml_config(hls4ml, prepared, entries, trace)
+        t0 = time.perf_counter()
+        hm = hls4ml.converters.convert_from_onnx_model(
+            prepared, output_dir=str(folder), io_type="io_stream", backend="Vitis",
+            hls_config=config)
+        t1 = time.perf_counter()
+        hm.compile()
+    return hm, t1 - t0, time.perf_counter() - t1
+
+
 def check_hls4ml(
     model: onnx.ModelProto | str | os.PathLike[str],
     images: Any,
     output_dir: str | os.PathLike[str] | None = None,
     trace_on_mismatch: bool = True,
 ) -> Hls4mlReport:
-    """Convert with hls4ml, compile the C++ emulation, compare with qonnx on ``images``
-    (N x C x H x W, NCHW like the exported file). Raises if hls4ml is missing or the scales
-    cannot be exact; returns a report (``bit_exact``) otherwise."""
+    """Run hls4ml's documented flow on the file and compare its C++ emulation with qonnx on
+    ``images`` (N x C x H x W, NCHW like the exported file). Raises if hls4ml is missing or the
+    scales cannot be exact; returns a report (``bit_exact``) otherwise."""
     hls4ml = _require()
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
@@ -217,52 +193,42 @@ def check_hls4ml(
     check_scales(model)
     t0 = time.perf_counter()
     cl = prepare(model)
+    entries = config_entries(model)
     xcl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     from .qonnx import run_qonnx
 
     ref = run_qonnx(cl, xcl)
-    for_hls = copy.deepcopy(cl)
-    precisions = fix_global_pools(for_hls)
-    log = io.StringIO()  # hls4ml prints its whole topology: keep it off the user's stdout
-    with contextlib.redirect_stdout(log):
-        config = hls4ml.utils.config.config_from_onnx_model(
-            for_hls, granularity="name", backend="Vitis", default_precision=DEFAULT_PRECISION)
-    for name, prec in precisions.items():
-        config["LayerName"].setdefault(name, {})["Precision"] = dict(prec)
     t1 = time.perf_counter()
     tmp = None
     if output_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ompq-hls4ml-")
         output_dir = tmp.name
+    log = io.StringIO()  # hls4ml prints its whole topology: keep it off the user's stdout
     try:
-        if trace_on_mismatch:
-            for layer_cfg in config["LayerName"].values():
-                layer_cfg["Trace"] = True
         try:
-            with contextlib.redirect_stdout(log):
-                hm = hls4ml.converters.convert_from_onnx_model(
-                    for_hls, output_dir=str(Path(output_dir) / "hls4ml_prj"),
-                    io_type="io_stream", backend="Vitis", hls_config=config)
-                t2 = time.perf_counter()
-                hm.compile()
-                t3 = time.perf_counter()
-                got = np.asarray(hm.predict(xcl)).reshape(ref.shape)
+            hm, t_convert, t_compile = _convert(hls4ml, cl, entries,
+                                                Path(output_dir) / "hls4ml_prj", False, log)
+            t3 = time.perf_counter()
+            got = np.asarray(hm.predict(xcl)).reshape(ref.shape)
         except Exception as exc:  # noqa: BLE001 - hls4ml/g++ failures become one line
             tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
             raise OmpqError(
                 f"hls4ml could not convert/compile the graph ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); hls4ml said: {tail or 'nothing'}"
             ) from None
+        t_predict = time.perf_counter() - t3
         diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
         first = None
         if diff != 0.0 and trace_on_mismatch:
             bad = int(np.argmax(np.abs(got - ref).reshape(len(ref), -1).max(axis=1)))
-            first = _first_diverging(hm, cl, xcl[bad : bad + 1])
+            traced, _, _ = _convert(hls4ml, cl, entries, Path(output_dir) / "hls4ml_trace",
+                                    True, log)
+            first = _first_diverging(traced, cl, xcl[bad : bad + 1])
     finally:
         if tmp is not None:
             tmp.cleanup()
     return Hls4mlReport(
         n_images=len(x), bit_exact=diff == 0.0, max_abs_diff=diff, first_diverging=first,
-        seconds={"prepare": t1 - t0, "convert": t2 - t1, "compile": t3 - t2,
-                 "predict": time.perf_counter() - t3},
+        seconds={"prepare": t1 - t0, "convert": t_convert, "compile": t_compile,
+                 "predict": t_predict},
         output_dir=None if tmp is not None else str(output_dir))

@@ -66,7 +66,10 @@ def export_qcdq(
         with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
             from brevitas.export import export_onnx_qcdq
 
-            model = brevitas_export(export_onnx_qcdq, qmodel, images[:1], Path(tmp) / "raw.onnx")
+            model = brevitas_export(
+                export_onnx_qcdq, qmodel, images[:1], Path(tmp) / "raw.onnx",
+                input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         t_export = time.perf_counter()
         annotate(model, map_layers(model, qmodel, images[:1]), expected)
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)

@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.fileio import atomic_path, write_error
+from ompq_plugin.fileio import atomic_path, write_error, write_text_atomic
 
+from . import targets as T
 from . import verify as V
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ class ExportReport:
     forced_images: int = 0  # images checked layer by layer from torch's inputs
     max_forced_diff: float = 0.0  # largest other |diff| in that check
     top1_agree: int | None = None  # images whose top-1 class is the same in torch and the graph
+    target: str = "generic"  # the compiler the graph was shaped for (exporters.targets)
+    hls4ml_config: Path | None = None  # hls4ml config entries written beside the file
 
     @property
     def bits(self) -> dict[str, tuple[int | None, int | None]]:
@@ -95,6 +98,9 @@ class ExportReport:
             f"{self._criterion()}: {'PASS' if self.verified else 'FAIL'}",
             f"bits read back from the file match the {self._sources()} for every layer",
         ]
+        if self.hls4ml_config is not None:
+            lines.append(f"wrote {self.hls4ml_config} (hls4ml config entries for this file; "
+                         "see README: hls4ml)")
         if self.hls4ml is not None:
             lines.append(self.hls4ml.summary())
         return "\n".join(lines)
@@ -119,6 +125,7 @@ class ExportReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["path"] = str(self.path)
+        data["hls4ml_config"] = str(self.hls4ml_config) if self.hls4ml_config else None
         data["hls4ml"] = self.hls4ml.to_json() if self.hls4ml is not None else None
         return data
 
@@ -317,11 +324,12 @@ def run_qonnx_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
 
 
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
-                    path: Path) -> onnx.ModelProto:
+                    path: Path, **options: Any) -> onnx.ModelProto:
+    """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn(qmodel, args=image, export_path=str(path), dynamo=False)
+            fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
     except OmpqError:
         raise
     except OSError as exc:  # disk full or a file-size limit while writing the raw graph
@@ -487,6 +495,12 @@ def write_metadata(model: onnx.ModelProto, fmt: str, bits: BitConfig | None,
     return {k: v["node"] or "" for k, v in node_map.items()}
 
 
+def hls4ml_config_path(path: str | os.PathLike[str]) -> Path:
+    """``model.onnx`` -> ``model.hls4ml.json`` (the hls4ml config entries written beside it)."""
+    p = Path(path)
+    return p.with_name(p.stem + ".hls4ml.json")
+
+
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     with atomic_path(target) as tmp:
@@ -506,9 +520,15 @@ def export_qonnx(
     *,
     tol: float = DEFAULT_TOL,
     exact: bool | None = None,
+    target: str | None = None,
 ) -> ExportReport:
     """Export ``qmodel`` to QONNX at ``path``, verified on ``example_input`` (N real images)
-    before the file is written. ``bits`` defaults to the model's attached BitConfig if any."""
+    before the file is written. ``bits`` defaults to the model's attached BitConfig if any.
+
+    ``target`` (``generic`` / ``hls4ml`` / ``finn``; default: the BitConfig's profile) shapes the
+    graph so that compiler's documented flow takes it unchanged (:mod:`exporters.targets`); for
+    ``hls4ml`` the hls4ml config entries it needs are written beside it as ``<stem>.hls4ml.json``.
+    """
     t0 = time.perf_counter()
     images = as_images(example_input, qmodel)
     was_training = qmodel.training
@@ -522,20 +542,34 @@ def export_qonnx(
             raw = brevitas_export(brevitas_qonnx, qmodel, images[:1], Path(tmp) / "raw.onnx")
         t_export = time.perf_counter()
         annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
+        target = target or T.target_for_profile(bits.profile if bits is not None else None)
+        if target not in T.TARGETS:
+            raise OmpqError(f"unknown export target {target!r}; use one of "
+                            f"{', '.join(T.TARGETS)}")
         model = qonnx_cleanup(raw)
+        prepared = T.prepare_for_target(model, target)
+        model = qonnx_cleanup(model)  # shapes and names for what the target step added
         t_clean = time.perf_counter()
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
         t_verify = time.perf_counter()
         node_map = write_metadata(model, "qonnx", bits, ver)
+        hls_config = T.hls4ml_config(model) if target == "hls4ml" else None
+        V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
+            {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
         # the annotations must survive a save / load round trip before the file counts
         reloaded = onnx.load_from_string(model.SerializeToString())
         if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
             raise OmpqError("annotations did not survive serialisation; report this bug")
-        target = save_atomic(model, path)
+        written = save_atomic(model, path)
+        config_path = None
+        if hls_config is not None:
+            config_path = hls4ml_config_path(path)
+            write_text_atomic(config_path, json.dumps({"LayerName": hls_config}, indent=2) + "\n")
     finally:
         qmodel.train(was_training)
     return ExportReport(
-        path=target, format="qonnx", layers=ver.layers, node_map=node_map,
+        path=written, format="qonnx", layers=ver.layers, node_map=node_map,
+        target=target, hls4ml_config=config_path,
         runtime=ver.runtime, verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "cleanup": t_clean - t_export,
                  "verify": t_verify - t_clean, "total": time.perf_counter() - t0},

@@ -230,7 +230,9 @@ def _quant_of(g: Graph, name: str, hops: int = 32) -> onnx.NodeProto | None:
             same = all(i.bits == first.bits and i.signed == first.signed
                        and _same_scale(i.scale, first.scale) for i in infos)
             return found[0] if same else None
-        if node.op_type not in PASS_THROUGH_OPS:
+        # a global average pool we exported as a depthwise conv (exporters.targets) counts as
+        # the pool it stands for
+        if node.op_type not in PASS_THROUGH_OPS and node_meta(node).get("role") != "pool":
             return None
         name = node.input[0]
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ def add_parser(sub: Any) -> None:
                    help="QONNX (Quant nodes, bit widths kept) or QCDQ (QuantizeLinear/"
                    "DequantizeLinear, runs in onnxruntime)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--target", choices=("generic", "hls4ml", "finn"), default=None,
+                   help="compiler the QONNX graph is shaped for (default: the model's profile)")
     p.add_argument("--check", choices=("hls4ml",), action="append", default=[],
                    help="also convert with hls4ml and compare its C++ emulation bit for bit")
     p.add_argument("--images", type=int, default=8, help="real test images used to verify")
@@ -52,6 +55,9 @@ def _check_export_args(args: argparse.Namespace) -> Path:
     if "hls4ml" in args.check and args.format != "qonnx":
         raise OmpqError(f"--check hls4ml needs --format qonnx (hls4ml reads QONNX, not "
                         f"{args.format}); drop --check hls4ml or pass --format qonnx")
+    if "hls4ml" in args.check and args.target not in (None, "hls4ml"):
+        raise OmpqError(f"--check hls4ml needs --target hls4ml (or no --target), got "
+                        f"--target {args.target}; drop one of them")
     if args.images < 1:
         raise OmpqError(f"--images must be at least 1, got {args.images}; e.g. --images 8")
     require_quantized_model_file(args.qmodel, "export")
@@ -66,35 +72,48 @@ def run_export(args: argparse.Namespace) -> int:
 
     from ompq_plugin.cli.common import progress_step
     from ompq_plugin.exporters import export_qcdq, export_qonnx
+    from ompq_plugin.exporters.qonnx import hls4ml_config_path
     from ompq_plugin.fileio import atomic_path
     from ompq_plugin.qmodel_io import load_quantized
 
     loaded = load_quantized(args.qmodel)
     qmodel, bits = loaded.model, loaded.bits
     images = _images(args, loaded.meta, bits)
-    export = export_qonnx if args.format == "qonnx" else export_qcdq
+    if "hls4ml" in args.check:
+        args.target = "hls4ml"
     # The file appears only when every requested check has passed.
     with atomic_path(output) as tmp:
-        with progress_step(
-            f"export {args.format.upper()} and verify it on {len(images)} images", args.json
-        ):
-            report = export(qmodel, tmp, images, bits)
-        if "hls4ml" in args.check:
-            from ompq_plugin.exporters.hls4ml_check import check_hls4ml
+        try:
+            with progress_step(
+                f"export {args.format.upper()} and verify it on {len(images)} images", args.json
+            ):
+                if args.format == "qonnx":
+                    report = export_qonnx(qmodel, tmp, images, bits, target=args.target)
+                else:
+                    report = export_qcdq(qmodel, tmp, images, bits)
+            if "hls4ml" in args.check:
+                from ompq_plugin.exporters.hls4ml_check import check_hls4ml
 
-            with progress_step("hls4ml conversion and C++ emulation", args.json):
-                report.hls4ml = check_hls4ml(tmp, images)
-        report.path = output
-        if report.hls4ml is not None and not report.hls4ml.bit_exact:
-            print(report.hls4ml.summary())
-            raise OmpqError(
-                f"hls4ml emulation differs from qonnx "
-                f"({report.hls4ml.first_diverging or 'final output'}), so {output} was not "
-                "written; export without --check hls4ml to get the qonnx-verified file anyway"
-            )
+                with progress_step("hls4ml conversion and C++ emulation", args.json):
+                    report.hls4ml = check_hls4ml(tmp, images)
+            if report.hls4ml is not None and not report.hls4ml.bit_exact:
+                print(report.hls4ml.summary())
+                raise OmpqError(
+                    f"hls4ml emulation differs from qonnx "
+                    f"({report.hls4ml.first_diverging or 'final output'}), so {output} was not "
+                    "written; export without --check hls4ml to get the qonnx-verified file anyway"
+                )
+        except BaseException:
+            hls4ml_config_path(tmp).unlink(missing_ok=True)  # written beside the temporary file
+            raise
+    report.path = output
+    if report.hls4ml_config is not None:  # beside the output, under the output's name
+        report.hls4ml_config = hls4ml_config_path(output)
+        os.replace(hls4ml_config_path(tmp), report.hls4ml_config)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
-        print(f"wrote {output}", file=sys.stderr)  # stdout stays pure JSON
+        written = [output] + ([report.hls4ml_config] if report.hls4ml_config else [])
+        print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)  # stdout: pure JSON
     else:
         print(report.summary())
     return 0

@@ -1,0 +1,157 @@
+"""What the exported QONNX graph must look like for a given compiler, so that the compiler's own
+documented flow takes the file as it is (no rewrite by the user, none hidden in our checks).
+
+* every target: a bias ``Quant``'s scale and zero point are 1-element vectors, not 0-d arrays
+  (qonnx's ``ExtractBiasFromConv``, run by FINN's ``step_qonnx_to_finn``, reshapes any parameter
+  whose shape is not ``(1,)`` to ``(1, C, 1, 1)`` and fails on a 0-d one);
+* ``hls4ml``: a ``GlobalAveragePool`` over H x W = 2^k pixels becomes the equivalent depthwise
+  ``Conv`` (kernel H x W, every weight 1 = ``Quant(1, scale 2^-k, 2 bits)``). qonnx's
+  ``ConvertToChannelsLastAndClean`` has no channels-last GlobalAveragePool and leaves a
+  ``Transpose`` in front of it, which hls4ml's io_stream code mis-reads (wrong sums, or a crash
+  with ``Illegal instruction``); a Conv goes channels-last and hls4ml sizes its accumulator
+  exactly. The values are identical (the mean of 2^k values on a power-of-two grid is exact in
+  float32), so the export's bit-exact verification still holds;
+* ``hls4ml``: :func:`hls4ml_config` is the part of hls4ml's config that its defaults get wrong:
+  the network input. hls4ml converts the float input to ``fixed<16,6>`` by truncation before the
+  first ``Quant``, which moves values onto rounding ties; ``fixed<b+24, i, TRN, SAT>`` keeps every
+  float32 input on the same side of every tie of a b-bit input quantizer (a float32 value above a
+  tie t exceeds it by at least one ulp of t >= 2^-(f+24) for a 2^-f grid).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import verify as V
+
+TARGETS = ("generic", "hls4ml", "finn")
+QONNX_DOMAIN = "qonnx.custom_op.general"
+FLOAT32_MANTISSA = 24  # bits of a float32 significand, hidden bit included
+
+
+def target_for_profile(profile: str | None) -> str:
+    """The export target a hardware profile implies (its name when it is a known target)."""
+    return profile if profile in TARGETS else "generic"
+
+
+def vector_bias_params(model: onnx.ModelProto) -> int:
+    """Make the scale / zero point of every bias Quant a (1,) vector where it is 0-d; in place.
+    Returns how many tensors changed."""
+    g = V.Graph(model)
+    changed = 0
+    for node in g.graph.node:
+        if node.op_type not in V.LAYER_OPS or len(node.input) < 3 or not node.input[2]:
+            continue
+        bq = g.producer.get(node.input[2])
+        if bq is None or bq.op_type not in ("Quant", "IntQuant"):
+            continue
+        for name in bq.input[1:3]:
+            init = g.inits.get(name)
+            if init is not None and len(init.dims) == 0:
+                value = numpy_helper.to_array(init).reshape(1)
+                init.CopyFrom(numpy_helper.from_array(value, name))
+                changed += 1
+                stale = [vi for vi in g.graph.value_info if vi.name == name]
+                for vi in stale:  # a recorded 0-d shape would contradict the new one
+                    g.graph.value_info.remove(vi)
+    return changed
+
+
+def _shape(model: onnx.ModelProto, name: str) -> list[int] | None:
+    shape = V.Graph(model).shape(name)
+    return shape if shape and all(d > 0 for d in shape) else None
+
+
+def global_pools_as_depthwise(model: onnx.ModelProto) -> list[str]:
+    """Replace each GlobalAveragePool over 2^k pixels by the equal depthwise Conv; in place.
+    Returns the names of the replaced nodes (they keep their names)."""
+    graph = model.graph
+    done: list[str] = []
+    for gap in [n for n in graph.node if n.op_type == "GlobalAveragePool"]:
+        shape = _shape(model, gap.input[0])
+        if shape is None or len(shape) != 4:
+            continue
+        _, c, h, w = shape
+        k = round(math.log2(h * w))
+        if 2**k != h * w:
+            continue  # 1/(H*W) is not a power of two: hls4ml cannot make it exact either
+        base = f"{gap.name}_pool_weight"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ones((c, 1, h, w), np.float32), base),
+                numpy_helper.from_array(np.array([2.0**-k], np.float32), f"{base}_scale"),
+                numpy_helper.from_array(np.array([0.0], np.float32), f"{base}_zeropt"),
+                numpy_helper.from_array(np.array(2.0, np.float32), f"{base}_bitwidth"),
+            ]
+        )
+        quant = helper.make_node(
+            "Quant",
+            [base, f"{base}_scale", f"{base}_zeropt", f"{base}_bitwidth"],
+            [f"{base}_quant"],
+            name=f"{gap.name}_weight_quant",
+            domain=QONNX_DOMAIN,
+            signed=1,
+            narrow=1,
+            rounding_mode="ROUND",
+        )
+        conv = helper.make_node(
+            "Conv",
+            [gap.input[0], f"{base}_quant"],
+            list(gap.output),
+            name=gap.name,
+            group=c,
+            kernel_shape=[h, w],
+            pads=[0, 0, 0, 0],
+            strides=[1, 1],
+            dilations=[1, 1],
+        )
+        V.set_node_meta(conv, role="pool", pool=f"global average over {h}x{w}")
+        V.set_node_meta(quant, role="pool_weight", bits=2)
+        index = list(graph.node).index(gap)
+        graph.node.remove(gap)
+        graph.node.insert(index, conv)
+        graph.node.insert(index, quant)
+        done.append(conv.name)
+    return done
+
+
+def input_precision(model: onnx.ModelProto) -> str | None:
+    """hls4ml type for the network input that rounds every float32 input exactly as the first
+    Quant does (see the module docstring); None when the input is not read by one Quant."""
+    g = V.Graph(model)
+    iname = model.graph.input[0].name
+    readers = g.consumers.get(iname, [])
+    if len(readers) != 1 or readers[0].op_type != "Quant":
+        return None
+    info = V.quant_info(g, readers[0])
+    if info is None or info.scale is None or np.asarray(info.scale).size != 1:
+        return None
+    scale = float(np.asarray(info.scale).ravel()[0])
+    frac = -math.log2(scale)
+    if frac != round(frac):
+        return None
+    int_bits = info.bits - round(frac)  # includes the sign bit when signed
+    kind = "fixed" if info.signed else "ufixed"
+    return f"{kind}<{info.bits + FLOAT32_MANTISSA},{int_bits},TRN,SAT>"
+
+
+def hls4ml_config(model: onnx.ModelProto) -> dict[str, dict[str, dict[str, object]]]:
+    """The entries to merge into ``config_from_onnx_model(...)['LayerName']`` (may be empty)."""
+    prec = input_precision(model)
+    if prec is None:
+        return {}
+    return {model.graph.input[0].name: {"Precision": {"result": prec}}}
+
+
+def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]:
+    """Apply what ``target`` needs to the (cleaned, annotated) graph; in place. Returns a summary
+    for the graph metadata."""
+    done: dict[str, object] = {"target": target}
+    done["bias_params_vectorised"] = vector_bias_params(model)
+    if target == "hls4ml":
+        done["global_pools_as_depthwise_conv"] = global_pools_as_depthwise(model)
+    return done

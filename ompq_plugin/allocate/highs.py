@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highspy
@@ -119,23 +118,6 @@ def _objective_scale(prep: Prepared) -> float:
     return (sum(tops) / len(tops) / 10.0) or 1.0 if tops else 1.0
 
 
-def columns(form: Formulation, chosen: Sequence[tuple[int, int]]) -> np.ndarray:
-    """A 0/1 column vector for one (w, a) per layer (a warm start), group binaries included."""
-    x = np.zeros(len(form.cost))
-    for i, pair in enumerate(chosen):
-        if pair not in form.pairs[i]:
-            return np.zeros(0)  # not a column of this model (e.g. dominated): no warm start
-        x[form.first[i] + form.pairs[i].index(pair)] = 1.0
-    # group binaries: the column whose link row has a 1 where this configuration does
-    starts, idx, val = form.a_start, form.a_index, form.a_value
-    for r in range(len(starts) - 1):
-        cols, vals = idx[starts[r] : starts[r + 1]], val[starts[r] : starts[r + 1]]
-        if form.row_lower[r] == 0 and form.row_upper[r] == 0:
-            y_col = int(cols[vals < 0][0])
-            x[y_col] = max(x[y_col], float(x[cols[vals > 0]].sum()))
-    return x
-
-
 _banner_done = False
 
 
@@ -168,7 +150,6 @@ def _run(
     form: Formulation,
     cuts: list[list[int]],
     time_limit_s: float,
-    start: np.ndarray | None,
 ) -> tuple[highspy.HighsModelStatus, np.ndarray]:
     h = _new_highs()
     h.setOptionValue("time_limit", max(time_limit_s, 1e-3))
@@ -197,11 +178,6 @@ def _run(
         h.addRow(
             -math.inf, len(cut) - 1, len(cut), np.array(cut, dtype=np.int32), np.ones(len(cut))
         )
-    if start is not None and len(start):
-        sol = highspy.HighsSolution()
-        sol.col_value = list(start)
-        sol.value_valid = True
-        h.setSolution(sol)
     h.run()
     status = h.getModelStatus()
     values = (
@@ -217,7 +193,6 @@ def solve_highs(
     prep: Prepared,
     start: float,
     time_limit_s: float,
-    warm: Sequence[tuple[int, int]] | None = None,
 ) -> Allocation:
     """Proven-optimal allocation from HiGHS, exact-checked and repaired (see the module doc)."""
     limits = budget_limits(problem.budgets)
@@ -234,8 +209,9 @@ def solve_highs(
         remaining = time_limit_s - (time.perf_counter() - start)
         if remaining <= 0:
             raise timeout_error(time_limit_s)
-        x0 = columns(form, warm) if warm is not None and not over else None
-        status, x = _run(form, cuts, remaining, x0)
+        # no MIP start: a sweep's previous point as HiGHS's start made it return a worse
+        # configuration as optimal (tests/test_pareto.py, per-option objectives)
+        status, x = _run(form, cuts, remaining)
         if status == highspy.HighsModelStatus.kInfeasible and attempt > 0:
             # the tightening overshot (the exact problem is feasible, checked before): keep the
             # cuts, which alone guarantee progress, and go back to the true budgets

@@ -2,7 +2,8 @@
 
 The problem is validated once; the DP keeps its steps and its Lagrange multipliers from one
 budget to the next, and the previous point's configuration (when it meets the next budgets,
-checked exactly) is the next solve's incumbent / HiGHS warm start. Budgets that only grow give
+checked exactly) is the DP's incumbent (HiGHS gets no MIP start: one made it return a worse
+configuration as optimal). Budgets that only grow give
 a front whose objective never falls: a point whose solver answer scores below an incumbent
 that fits (float ties) keeps the incumbent, which is then optimal too.
 """

@@ -75,4 +75,4 @@ def solve_prepared(
                     "please report this with the model and budgets"
                 )
             return allocation
-    return solve_highs(problem, prep, start, time_limit_s, warm)
+    return solve_highs(problem, prep, start, time_limit_s)

@@ -9,6 +9,7 @@ import sys
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, METHODS
 
 
 def _span(text: str) -> tuple[float, float]:
@@ -32,14 +33,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--profile", default="generic", help="profile name or .toml path")
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--avg-weight-bits", type=_span, metavar="LO:HI")
-    mem.add_argument("--weight-memory-kib", type=_span, metavar="LO:HI")
+    mem.add_argument("--avg-weight-bits", type=_span, metavar="LO:HI",
+                     help="average weight bits swept from LO to HI (or one fixed value)")
+    mem.add_argument("--weight-memory-kib", type=_span, metavar="LO:HI",
+                     help="weight memory in KiB swept from LO to HI (or one fixed value)")
     p.add_argument("--bops-g", type=_span, metavar="LO:HI", help="BOPs in G (MACs x w x a)")
-    p.add_argument("--act-buffer-kib", type=_span, metavar="LO:HI")
-    p.add_argument("--points", type=int, default=100, help="budgets on the line (default 100)")
-    p.add_argument("--beta", type=float, default=None, help="importance spread (default 1.0)")
+    p.add_argument("--act-buffer-kib", type=_span, metavar="LO:HI",
+                   help="largest activation buffer in KiB, swept from LO to HI (or fixed)")
+    p.add_argument("--points", type=int, default=100, help="budgets on the line")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="allocation method (see `ompq search --help`)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="importance spread for the ORM methods (default: the method's, "
+                   + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit per point")
     p.add_argument("-o", "--output", required=True, help="front JSON to write")
     p.add_argument("--json", action="store_true", help="print the front JSON, not a table")
@@ -47,20 +55,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ompq_plugin.data import resolve_data_dir, search_samples
-    from ompq_plugin.layers import QUANTIZABLE_TYPES
-    from ompq_plugin.models import build_model
+    from ompq_plugin.cli.common import build_for_cli, open_source
+    from ompq_plugin.data import search_samples
+    from ompq_plugin.fileio import check_writable
+    from ompq_plugin.layers import discover_layers
     from ompq_plugin.pareto import pareto_front
-    from ompq_plugin.searcher import DEFAULT_BETA
 
     if args.points < 2:
         raise OmpqError(f"--points must be at least 2, got {args.points}")
-    data_dir = resolve_data_dir(args.data)
-    model, spec = build_model(args.model, args.weights, data_dir)
-    samples = search_samples(data_dir, spec, args.samples, seed=args.seed)
-    total_params = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES)
-    )
+    if args.method == "hawq":
+        raise OmpqError("ompq pareto does not run --method hawq (it needs labelled images); "
+                        "use `ompq search --method hawq` per budget")
+    check_writable(args.output)
+    source = open_source(args)
+    model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
+    samples = search_samples(source, spec, args.samples, seed=args.seed)
+    # only the layers the search quantizes (a weight used through F.linear is not one of them)
+    total_params = discover_layers(model, samples[:1]).total_params
 
     def end(k: int) -> Budgets:
         pick = lambda span: None if span is None else span[k]  # noqa: E731
@@ -80,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         end(1),
         args.points,
         time_limit_s=args.time_limit,
-        beta=DEFAULT_BETA if args.beta is None else args.beta,
+        beta=args.beta,
+        method=args.method,
         model_name=spec.name,
         seed=args.seed,
     )

@@ -16,7 +16,7 @@ def folded_copy(model: nn.Module) -> nn.Module:
 
     try:
         gm = _trace(copy.deepcopy(model).eval())
-        _fold_batchnorms(gm)
+        _fold_batchnorms(gm, {})  # an unfoldable BatchNorm stays as it is: weights unchanged
         gm.recompile()
     except OmpqError:
         return model

@@ -3,9 +3,9 @@
 QCDQ and plain ONNX graphs run in onnxruntime; QONNX graphs (Quant / BipolarQuant / Trunc
 nodes, which onnxruntime does not know) run in qonnx's executor. Both run batches: the graph's
 fixed batch dimension (1 in our exports) is made symbolic (onnxruntime) or the batch size (qonnx,
-whose executor needs every shape). The normalisation comes from the
-file's ``ompq.norm`` metadata if present, else from the model named in its ``ompq.bitconfig``
-(registry models), else the CIFAR ResNets' ImageNet mean/std, and is reported with the result.
+whose executor needs every shape). The normalisation comes from the file's ``ompq.norm``
+metadata if present, else the input record of its ``ompq.bitconfig``, else the registry model
+named there, else the CIFAR ResNets' ImageNet mean/std, and is reported with the result.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def _norm_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     if "ompq.norm" in meta:
         mean, std = json.loads(meta["ompq.norm"])
         return tuple(mean), tuple(std), "the file's ompq.norm"
-    name = json.loads(meta.get("ompq.bitconfig", "{}")).get("model")
+    bitconfig = json.loads(meta.get("ompq.bitconfig", "{}"))
+    record = bitconfig.get("input")
+    if record:  # what the search recorded (and quantize / export reused)
+        return tuple(record["mean"]), tuple(record["std"]), "the input recorded in the file"
+    name = bitconfig.get("model")
     if name in MODELS:
         return MODELS[name].mean, MODELS[name].std, f"model {name}"
     return CIFAR_IMAGENET_MEAN, CIFAR_IMAGENET_STD, "default ImageNet mean/std"

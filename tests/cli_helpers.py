@@ -62,7 +62,7 @@ def make_files(root: Path, data_dir: Path) -> dict[str, float]:
         "search": ["search", "--model", model, "--data", d, "--samples", "16",
                    "-o", str(root / "bits.json")],
         "quantize": ["quantize", "--model", model, "--data", d, "--bits", str(root / "bits.json"),
-                     "--calib", "32", "-o", str(root / "q.pt")],
+                     "--calib", "32", "--random-weights", "-o", str(root / "q.pt")],
         "export": ["export", str(root / "q.pt"), "--data", d, "--images", "2",
                    "-o", str(root / "q.onnx")],
         "export_qcdq": ["export", str(root / "q.pt"), "--data", d, "--images", "2",

@@ -111,7 +111,8 @@ def test_interrupt_at_a_random_point_leaves_earlier_files_whole(
     out = {"export": "x.onnx", "quantize": "q2.pt", "search": "b.json"}[command]
     args = {
         "export": ["export", "q.pt", "--images", "2", "-o", out],
-        "quantize": ["quantize", "--bits", "bits.json", "--calib", "32", "-o", out],
+        "quantize": ["quantize", "--bits", "bits.json", "--calib", "32", "--random-weights",
+                     "-o", out],
         "search": ["search", "--model", str(work / "tiny.py") + ":make", "--samples", "16",
                    "-o", out, "--orm-plot", "orm.png"],
     }[command]

@@ -317,7 +317,9 @@ def test_power_of_two_still_bit_exact(small, images, tmp_path):
 @pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
 def test_resnet20_generic_profile_float_scales(data_dir, tmp_path, fmt):
     """The README flow: searched mixed bits, generic profile (float scales), bias correction;
-    exports verify despite a rounding-boundary flip (image 6, after layer1.0.conv1)."""
+    exports verify despite isolated rounding-boundary flips, and report them. (How many depends
+    on the bits and on the runtime's float arithmetic: 1 with qonnx's executor and the old
+    default bits, 12 with onnxruntime's lowered Quant ops and the ompq-noise bits.)"""
     from ompq_plugin.hw_profiles import load_profile
 
     from ompq_plugin import Budgets, build_model, calibrate, quantize, search
@@ -332,7 +334,7 @@ def test_resnet20_generic_profile_float_scales(data_dir, tmp_path, fmt):
     export = export_qonnx if fmt == "qonnx" else export_qcdq
     report = export(q, tmp_path / "r20.onnx", samples[:8], bits)
     assert report.verified and not report.exact
-    assert report.boundary_flips == 1 and report.forced_images == 8
+    assert report.boundary_flips >= 1 and report.forced_images == 8
     assert report.max_forced_diff <= 1e-5 and report.top1_agree == 8
     assert "rounding-boundary flip" in report.summary()
     assert report.bits == {lb.name: (lb.weight_bits, lb.act_bits) for lb in bits.layers} | {

@@ -24,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="generic", help="profile name or .toml path")
     p.add_argument("--avg-weight-bits", type=float, default=4.0,
                    help="weight memory budget as average bits per weight")
-    p.add_argument("--weight-bits", default="3,4,5,6,7,8",
-                   help="weight widths the free layers may use (2-bit layers cost ~9 points "
-                   "after PTQ on ResNet-20: bench/results/accuracy.json)")
+    p.add_argument("--weight-bits", default=None,
+                   help="weight widths the free layers may use, e.g. 3,4,5,6,7,8 (default: the "
+                   "profile's full range; the default search method spreads the bits itself)")
     p.add_argument("--no-gptq", action="store_true", help="skip GPTQ (faster, less accurate)")
     p.add_argument("-o", "--output-dir", default="ompq-demo", help="folder for the three files")
     p.set_defaults(func=run)
@@ -67,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
         float_top1 = evaluate(model, test, norm=spec)
     print(f"top-1 {float_top1:.2f}%  ({time.perf_counter() - t:.1f} s)")
 
-    weight_bits = [int(b) for b in args.weight_bits.split(",")]
-    t = step(f"OMPQ search: {args.avg_weight_bits:g}-bit average weights from "
-             f"{args.weight_bits}-bit layers, 8-bit activations, profile {profile.name}")
+    from ompq_plugin.methods import DEFAULT_METHOD
+
+    weight_bits = [int(b) for b in args.weight_bits.split(",")] if args.weight_bits else None
+    widths = args.weight_bits or ",".join(map(str, profile.default_bits.weight))
+    t = step(f"search ({DEFAULT_METHOD}): {args.avg_weight_bits:g}-bit average weights from "
+             f"{widths}-bit layers, 8-bit activations, profile {profile.name}")
     samples = search_samples(source, spec, 64, seed=0)
     total_params = sum(p.numel() for n, p in model.named_parameters()
                        if n.endswith("weight") and p.dim() > 1)

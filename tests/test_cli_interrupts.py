@@ -66,7 +66,9 @@ def test_train_interrupted_mid_epoch_then_resumed(data_dir: Path, work: Path) ->
             "--no-progress", "-o", "t.pt"]
     proc = _start(data_dir, work, *args)
     assert proc.stdout is not None
-    first = proc.stdout.readline()  # "epoch 1/4: ... (S s); checkpoint t.pt.ckpt"
+    first = proc.stdout.readline()  # after the data / input notes: "epoch 1/4: ... (S s); ..."
+    while first and not first.startswith("epoch "):
+        first = proc.stdout.readline()
     assert first.startswith("epoch 1/4"), (first, proc.stderr.read() if proc.stderr else "")
     epoch_s = float(re.search(r"\(([\d.]+) s\)", first).group(1))
     time.sleep(rng.uniform(0.05, 0.6) * epoch_s)  # somewhere inside epoch 2 (or its checkpoint)

@@ -149,12 +149,30 @@ def interrupt_message(exc: KeyboardInterrupt, command_line: list[str]) -> tuple[
     return f"ompq: interrupted ({name}); {hint}", 128 + int(signum)
 
 
+_LIGHT_COMMANDS = ("profiles", "inspect")  # these never import torch / Brevitas
+
+
+def _import_model_stack() -> None:
+    """Import torch, Brevitas and ONNX with Ctrl-C held: an interrupt in the middle of an import
+    leaves half-initialised modules behind, and the next import of them fails with an
+    AttributeError instead of a clean "interrupted". The signal is delivered right after."""
+    from ompq_plugin.fileio import signals_held
+
+    with signals_held():
+        import brevitas.export  # noqa: F401  (pulls torch and torch._dynamo)
+        import brevitas.nn  # noqa: F401
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _signals_raise_interrupted():
         try:
             _quiet_libraries()
             args = parse(build_parser(), argv)
+            if args.command not in _LIGHT_COMMANDS:
+                _import_model_stack()
             return int(args.func(args) or 0)
         except OmpqError as exc:
             print(f"ompq: error: {exc}", file=sys.stderr)

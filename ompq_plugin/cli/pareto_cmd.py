@@ -8,8 +8,9 @@ import sys
 
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
+from ompq_plugin.cli.search_cmd import add_sampling_options
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, METHODS
+from ompq_plugin.methods import DEFAULT_METHOD, METHODS
 
 
 def _span(text: str) -> tuple[float, float]:
@@ -43,11 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--points", type=int, default=100, help="budgets on the line")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (see `ompq search --help`)")
-    p.add_argument("--beta", type=float, default=None,
-                   help="importance spread for the ORM methods (default: the method's, "
-                   + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
-    p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
+    add_sampling_options(p)
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit per point")
     p.add_argument("-o", "--output", required=True, help="front JSON to write")
     p.add_argument("--json", action="store_true", help="print the front JSON, not a table")

@@ -30,11 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="narrow the profile's weight bits for free layers, e.g. 3,4,5,6,8")
     p.add_argument("--act-bits", type=_bit_list, metavar="LIST",
                    help="narrow the profile's activation bits for free layers, e.g. 8")
-    p.add_argument("--beta", type=float, default=None,
-                   help="importance spread for the ORM methods (default: the method's, "
-                   + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
-    p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
+    add_sampling_options(p)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (default %(default)s): "
                    + "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
@@ -61,6 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits-plot", metavar="PNG",
                    help="also save a per-layer chart of the chosen bits (.png, .svg or .pdf)")
     p.set_defaults(func=run)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--beta, --samples and --seed, shared by `ompq search` and `ompq pareto`."""
+    p.add_argument("--beta", type=float, default=None,
+                   help="importance spread for the ORM methods (default: the method's, "
+                   + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
+    p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
 
 
 def _bit_list(text: str) -> list[int]:

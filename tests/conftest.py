@@ -18,7 +18,8 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The data folder: $OMPQ_DATA_DIR, else ../shared/data next to the repository."""
-    path = Path(os.environ.get("OMPQ_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    # resolved: CLI tests run `ompq` in a temporary folder, where a relative path means nothing
+    path = Path(os.environ.get("OMPQ_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
     needed = ["cifar10-exact/test_batch", "cifar10-jpeg/test_batch", "weights/resnet20.th"]
     absent = [n for n in needed if not (path / n).is_file()]
     if absent:

@@ -208,7 +208,6 @@ def resnet20_q(data_dir: Path) -> tuple[nn.Module, BitConfig]:
     return quantized_resnet20(data_dir)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["qonnx", "qcdq"])
 def test_resnet20_export(resnet20_q, images, tmp_path, fmt):
     q, bc = resnet20_q

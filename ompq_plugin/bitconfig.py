@@ -112,6 +112,7 @@ class BitConfig:
     layers: list[LayerBits]
     budgets: Budgets = field(default_factory=Budgets)
     beta: float | None = None
+    act_weight: float | None = None  # ompq-noise: weight of the activation errors
     samples: int | None = None
     seed: int | None = None
     orm_form: str | None = None
@@ -165,6 +166,7 @@ class BitConfig:
             "profile": self.profile,
             "method": self.method,
             "beta": self.beta,
+            "act_weight": self.act_weight,
             "samples": self.samples,
             "seed": self.seed,
             "orm_form": self.orm_form,
@@ -200,6 +202,7 @@ class BitConfig:
                 layers=layers,
                 budgets=Budgets.from_json(data.get("budgets", {})),
                 beta=data.get("beta"),
+                act_weight=data.get("act_weight"),
                 samples=data.get("samples"),
                 seed=data.get("seed"),
                 orm_form=data.get("orm_form"),

@@ -26,7 +26,13 @@ from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
 from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers
-from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS, act_stats
+from ompq_plugin.methods import (
+    DEFAULT_ACT_WEIGHT,
+    DEFAULT_BETA,
+    DEFAULT_METHOD,
+    ORM_METHODS,
+    act_stats,
+)
 from ompq_plugin.methods import METHODS as _METHODS
 from ompq_plugin.methods.build import build_problem, solve_uniform
 from ompq_plugin.methods.objectives import range_ends
@@ -73,6 +79,7 @@ def run_search(
     *,
     beta: float | None = None,
     method: str = DEFAULT_METHOD,
+    act_weight: float = DEFAULT_ACT_WEIGHT,
     orm_form: OrmForm = "centred",
     importance_fn: str = "exp",
     pins: Mapping[str, Pin] | None = None,
@@ -95,7 +102,8 @@ def run_search(
     of the importance computation. ``weight_bits`` / ``act_bits`` narrow the profile's choices
     for the free layers. ``beta`` defaults to the method's (``DEFAULT_BETA``). ``labelled``
     (images, labels) feeds ``hawq``'s Hessian (200 training images are the reference setting);
-    ``seed`` drives ``random``.
+    ``seed`` drives ``random``. ``act_weight`` scales ``ompq-noise``'s activation errors
+    against its weight errors.
     """
     start_all = time.perf_counter()
     if method not in METHODS:
@@ -111,6 +119,8 @@ def run_search(
         )
     if not beta >= 0:
         raise OmpqError(f"--beta must be >= 0, got {beta}")
+    if not act_weight > 0:
+        raise OmpqError(f"--act-weight must be > 0, got {act_weight}")
     if samples.dim() < 2 or samples.shape[0] < 2:
         raise OmpqError("the search needs at least 2 samples (N x C x H x W); use --samples 64")
     if not torch.isfinite(samples).all():
@@ -166,7 +176,7 @@ def run_search(
     problem = build_problem(
         method, model, found, alloc_layers, limits, pin_map, hw,
         theta=theta, act_errors=stats.errors if stats is not None else {},
-        labelled=labelled, seed=seed, timings=timings,
+        labelled=labelled, seed=seed, timings=timings, act_weight=act_weight,
     )
     if method == "uniform":
         default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
@@ -197,6 +207,7 @@ def run_search(
         ],
         budgets=limits,
         beta=beta if method in ORM_METHODS else None,
+        act_weight=act_weight if method == "ompq-noise" else None,
         samples=int(samples.shape[0]),
         seed=seed,
         orm_form=orm_form if method in ORM_METHODS else None,

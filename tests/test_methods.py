@@ -112,8 +112,11 @@ def test_act_quantizer_matches_brevitas_calibration(po2: bool, signed: bool) -> 
 def test_noise_and_hawq_values_by_hand() -> None:
     errors = [{2: 0.5, 4: 0.1}, {2: 0.2, 4: 0.05}]
     assert noise_values([1.0, 0.5], errors) == [{2: -0.5, 4: -0.1}, {2: -0.1, 4: -0.025}]
-    groups = group_noise_values({"g": [0, 1]}, [1.0, 0.5], [{8: 0.01, 4: 0.2}, {8: 0.02, 4: 0.4}])
+    act_err = [{8: 0.01, 4: 0.2}, {8: 0.02, 4: 0.4}]
+    groups = group_noise_values({"g": [0, 1]}, [1.0, 0.5], act_err)
     assert groups["g"] == pytest.approx({8: -0.02, 4: -0.4})
+    heavier = group_noise_values({"g": [0, 1]}, [1.0, 0.5], act_err, 3)
+    assert heavier["g"] == pytest.approx({8: -0.06, 4: -1.2})
     # HAWQ-V3: -(Tr/n) * ||Q(W)-W||^2
     assert hawq_values([6.0], [3], [{2: 0.5, 8: 0.01}]) == [{2: -1.0, 8: -0.02}]
 
@@ -169,6 +172,27 @@ def test_size_greedy_and_uniform_by_hand() -> None:
     # (1600) + a=8 + d=8 = 2800 + 3200 = 6000; b=7 is not offered; b=4 -> sum 8+4+2+8 = 22
     greedy = solve(problem)
     assert greedy.weight_bits == {"a": 8, "b": 4, "c": 2, "d": 8}
+
+
+def test_heavier_activation_weight_never_adds_activation_error() -> None:
+    """W + l*A minimised at l2 > l1 has A(x2) <= A(x1) (add the two optimality inequalities);
+    at a BOPs budget the solver moves bits from weights to activations as l grows."""
+    layers = _toy_layers()
+    w_err = [{b: 4.0**-b * (1 + i) for b in lay.weight_choices} for i, lay in enumerate(layers)]
+    a_err = [{a: 4.0**-a * (2 + i) for a in lay.act_choices} for i, lay in enumerate(layers)]
+    groups = {lay.act_group: [i] for i, lay in enumerate(layers)}
+    budgets = Budgets(bops=4 * 6 * sum(lay.macs for lay in layers))
+    act_error, act_bits = [], []
+    for weight in (0.25, 1.0, 4.0, 16.0, 64.0):
+        a_val = group_noise_values(groups, [1.0] * 4, a_err, weight)
+        problem = AllocationProblem(
+            layers, (0.0,) * 4, budgets, {}, None, tuple(noise_values([1.0] * 4, w_err)), a_val
+        )
+        alloc = solve(problem)
+        act_error.append(sum(a_err[i][alloc.act_bits[lay.name]] for i, lay in enumerate(layers)))
+        act_bits.append(sum(alloc.act_bits.values()))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(act_error)), act_error
+    assert act_bits[-1] > act_bits[0], act_bits
 
 
 # --- HAWQ ------------------------------------------------------------------------------------

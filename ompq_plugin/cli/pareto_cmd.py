@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit,
         beta=args.beta,
         method=args.method,
+        act_weight=args.act_weight,
         model_name=spec.name,
         seed=args.seed,
     )

@@ -10,7 +10,14 @@ from typing import Any
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, HAWQ_IMAGES, METHOD_HELP, METHODS
+from ompq_plugin.methods import (
+    DEFAULT_ACT_WEIGHT,
+    DEFAULT_BETA,
+    DEFAULT_METHOD,
+    HAWQ_IMAGES,
+    METHOD_HELP,
+    METHODS,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +71,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=None,
                    help="importance spread for the ORM methods (default: the method's, "
                    + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
+    p.add_argument("--act-weight", type=float, default=DEFAULT_ACT_WEIGHT,
+                   help="ompq-noise: weight of the activation errors against the weight errors "
+                   "(default: %(default)s, chosen on a validation split)")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
 
@@ -127,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         budgets,
         beta=args.beta,
         method=args.method,
+        act_weight=args.act_weight,
         orm_form=args.orm_form,
         importance_fn=args.importance,
         pins=pins,

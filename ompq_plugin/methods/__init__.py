@@ -13,6 +13,10 @@ DEFAULT_METHOD = "ompq-noise"
 # ompq: the authors' default. ompq-noise: beta 0 (theta = 1, the ORM does not weight the errors)
 # won on the validation split (bench/results/allocation_validation.json): 0 > 0.3 > 1.
 DEFAULT_BETA = {"ompq": 1.0, "ompq-noise": 0.0}
+# ompq-noise's weight of the activation errors against the weight errors, chosen on the
+# validation split at the BOPs budget (bench/results/allocation_validation.json); it only
+# matters where activation widths are free.
+DEFAULT_ACT_WEIGHT = 1.0
 HAWQ_IMAGES = 200  # labelled training images for the Hessian traces
 
 METHOD_HELP = {

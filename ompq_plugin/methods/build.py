@@ -21,7 +21,7 @@ from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers
-from ompq_plugin.methods import hawq
+from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, hawq
 from ompq_plugin.methods.folding import folded_copy
 from ompq_plugin.methods.objectives import (
     group_noise_values,
@@ -70,6 +70,7 @@ def build_problem(
     labelled: tuple[torch.Tensor, torch.Tensor] | None,
     seed: int | None,
     timings: dict[str, float],
+    act_weight: float = DEFAULT_ACT_WEIGHT,
 ) -> AllocationProblem:
     """The integer program ``method`` solves (``uniform`` pins it further in ``solve_uniform``)."""
     n = len(layers)
@@ -100,7 +101,7 @@ def build_problem(
         full = [theta.get(i, 1.0) for i in range(n)]
         a_err = [_act_errors_of(lay, act_errors, pins) for lay in layers]
         w_val = noise_values(full, errors)
-        a_val = group_noise_values(_groups(layers), full, a_err)
+        a_val = group_noise_values(_groups(layers), full, a_err, act_weight)
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     if method == "hawq":
         assert labelled is not None

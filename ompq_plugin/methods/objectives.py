@@ -8,7 +8,10 @@ width), maximised under the same budgets, pins, tied groups and excluded pairs:
   weights at ``w`` bits, and ``-sum_{i in g} theta_i * A_i(a)`` for act group ``g``, ``A_i`` the
   relative error of layer ``i``'s input at ``a`` bits: a first-order model of the output noise
   the layers add, weighted by ORM importance. Errors fall about 4x per bit, so the objective has
-  the diminishing returns that Eq. 10 lacks;
+  the diminishing returns that Eq. 10 lacks. The activation term is multiplied by ``act_weight``
+  (``DEFAULT_ACT_WEIGHT``): GPTQ and bias correction remove much of the weights' error after
+  the search, nothing removes the activations', so equal weights under-price activation bits
+  (measured: bench/results/allocation_validation.json);
 * ``size-greedy``: Eq. 10 with every ``theta = 1``;
 * ``hawq``: ``-(Tr H_i / n_i) * ||Q_w(W_i) - W_i||^2`` (HAWQ-V2/V3), the same with the trace of
   the Hessian with respect to the layer's input for activations;
@@ -39,13 +42,14 @@ def group_noise_values(
     groups: Mapping[str, Sequence[int]],
     theta: Sequence[float],
     errors: Sequence[Mapping[int, float]],
+    weight: float = 1.0,
 ) -> dict[str, Values]:
-    """``-sum_{i in g} theta_i * A_i(a)`` per act group ``g`` and width ``a``."""
+    """``-weight * sum_{i in g} theta_i * A_i(a)`` per act group ``g`` and width ``a``."""
     out: dict[str, Values] = {}
     for group, members in groups.items():
         widths = set.intersection(*(set(errors[i]) for i in members)) if members else set()
         out[group] = {
-            a: -float(sum(float(theta[i]) * float(errors[i][a]) for i in members))
+            a: -weight * float(sum(float(theta[i]) * float(errors[i][a]) for i in members))
             for a in sorted(widths)
         }
     return out

@@ -378,7 +378,8 @@ def markdown(out: dict) -> str:
         key=lambda k: (
             k.split("/")[0],
             BUDGETS.index(k.split("/")[1]),
-            METHODS.index(k.split("/")[2]),
+            # rows of earlier settings (e.g. ompq-noise-w1: activation weight 1) come last
+            METHODS.index(k.split("/")[2]) if k.split("/")[2] in METHODS else len(METHODS),
         ),
     ):
         r = rows[key]

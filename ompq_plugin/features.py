@@ -158,12 +158,18 @@ class _Tapping(torch.fx.Interpreter):
 
 
 def collect_grams(
-    model: nn.Module, layers: ModelLayers, samples: torch.Tensor, *, centred: bool = False
+    model: nn.Module,
+    layers: ModelLayers,
+    samples: torch.Tensor,
+    *,
+    centred: bool = False,
+    grams: bool = True,
 ) -> GramResult:
     """Run ``samples`` (N, ...) once through the float model; return every layer's Gram.
 
     ``centred``: Grams of the features centred over the samples, in float32 (all the centred
-    ORM needs); otherwise float64 Grams of the raw features.
+    ORM needs); otherwise float64 Grams of the raw features. ``grams=False`` runs the plain
+    forward pass only (for forward hooks such as the activation statistics) and returns no Gram.
     """
     acc = _GramAccumulator(layers, centred)
     start = time.perf_counter()
@@ -171,6 +177,11 @@ def collect_grams(
     model.eval()
     try:
         with torch.no_grad():
+            if not grams:
+                _run_checked(model, layers.names, samples)
+                return GramResult(
+                    [], features_s=time.perf_counter() - start, gram_s=0.0, centred=centred
+                )
             if layers.traced and layers.graph_module is not None:
                 _Tapping(layers.graph_module.eval(), acc).run(samples)
             else:
@@ -189,6 +200,28 @@ def _run_with_hooks(model: nn.Module, acc: _GramAccumulator, samples: torch.Tens
         modules[point].register_forward_hook(lambda _m, _i, out, point=point: acc.add(point, out))
         for point in acc.by_point
     ]
+    try:
+        model(samples)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_checked(model: nn.Module, names: list[str], samples: torch.Tensor) -> None:
+    """The plain forward pass, stopping at the first layer whose output is not finite."""
+    modules = dict(model.named_modules())
+
+    def check(name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                raise OmpqError(
+                    f"layer {name} produced NaN/Inf activations on the search samples; check "
+                    "the weights (corrupt checkpoint?) and the input normalisation"
+                )
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(check(n)) for n in names if n in modules]
     try:
         model(samples)
     finally:

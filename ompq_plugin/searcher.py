@@ -35,6 +35,8 @@ from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix, uninformative
 METHODS = _METHODS
 
 Pin = tuple[int | None, int | None]
+# BitConfig.orm_form of an ORM method's search that skipped the ORM (theta identically 1)
+ORM_NOT_COMPUTED = "not computed (theta = 1 at beta 0)"
 
 
 @dataclass
@@ -84,6 +86,8 @@ def run_search(
     weight_bits: Sequence[int] | None = None,
     act_bits: Sequence[int] | None = None,
     labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    avg_weight_bits: float | None = None,
+    orm: bool = False,
 ) -> SearchResult:
     """Choose bits with ``method`` (see :mod:`ompq_plugin.methods`) and return the BitConfig
     with the ORM matrix and the solver's answer.
@@ -95,7 +99,13 @@ def run_search(
     of the importance computation. ``weight_bits`` / ``act_bits`` narrow the profile's choices
     for the free layers. ``beta`` defaults to the method's (``DEFAULT_BETA``). ``labelled``
     (images, labels) feeds ``hawq``'s Hessian (200 training images are the reference setting);
-    ``seed`` drives ``random``.
+    ``seed`` drives ``random``. ``avg_weight_bits`` sets the weight memory budget as average
+    bits over the quantized layers (counted by the search's own layer discovery).
+
+    The ORM matrix (Grams of every layer's features) is computed only when it matters: for the
+    ORM methods unless theta is identically 1 (``exp`` importance at beta 0, the default of
+    ``ompq-noise``), or when ``orm`` asks for it (e.g. a plot). Otherwise ``SearchResult.orm``
+    is None and the BitConfig's ``orm_form`` says "not computed".
     """
     start_all = time.perf_counter()
     if method not in METHODS:
@@ -125,6 +135,10 @@ def run_search(
     found = discover_layers(model, samples[:1])
     if not allow_unsupported:
         found.require_supported()
+    if avg_weight_bits is not None:
+        if not avg_weight_bits > 0:
+            raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
+        limits = limits.merged(Budgets(weight_memory_bits=avg_weight_bits * found.total_params))
     pin_map = _pins(found, hw, pins or {}, pin_first_last)
     alloc_layers = tuple(
         _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
@@ -135,15 +149,25 @@ def run_search(
     gamma: dict[int, float] = {}
     theta: dict[int, float] = {}
     stats = None
+    need_orm = False
     if method in ORM_METHODS:
         widths = {  # an act width that is fixed needs no error: the solver has no choice
             lay.name: lay.act_choices
             for lay in alloc_layers
             if len(lay.act_choices) > 1 and pin_map.get(lay.name, (None, None))[1] is None
         }
+        # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
+        need_orm = orm or beta > 0 or importance_fn != "exp"
         with act_stats.record(model, widths if method == "ompq-noise" else {},
                               hw.power_of_two_scales) as stats:
-            grams = collect_grams(model, found, samples, centred=orm_form == "centred")
+            grams = collect_grams(model, found, samples, centred=orm_form == "centred",
+                                  grams=need_orm)
+        timings["features_s"] = grams.features_s - stats.seconds
+        if method == "ompq-noise":
+            timings["act_error_s"] = stats.seconds
+    if method in ORM_METHODS and not need_orm:
+        theta = dict.fromkeys(_scored_indices(found, pin_first_last), 1.0)
+    elif method in ORM_METHODS:
         start = time.perf_counter()
         k = orm_matrix(grams.grams, orm_form)
         for i in uninformative(grams.grams, orm_form):
@@ -158,10 +182,7 @@ def run_search(
         theta_sub = importance(gamma_sub, beta, importance_fn)
         gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
         theta = dict(zip(scored, theta_sub.tolist(), strict=True))
-        timings["features_s"] = grams.features_s - stats.seconds
         timings["orm_s"] = grams.gram_s + time.perf_counter() - start
-        if method == "ompq-noise":
-            timings["act_error_s"] = stats.seconds
 
     problem = build_problem(
         method, model, found, alloc_layers, limits, pin_map, hw,
@@ -199,7 +220,8 @@ def run_search(
         beta=beta if method in ORM_METHODS else None,
         samples=int(samples.shape[0]),
         seed=seed,
-        orm_form=orm_form if method in ORM_METHODS else None,
+        orm_form=(orm_form if k is not None else ORM_NOT_COMPUTED) if method in ORM_METHODS
+        else None,
         timings=timings,
         versions=library_versions(),
     )

@@ -85,8 +85,13 @@ def test_a_tensor_read_by_two_layers_is_scored_once(monkeypatch: pytest.MonkeyPa
 def test_folded_weights_equal_those_of_the_folded_copy() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
-        nn.Flatten(), nn.Linear(4 * 36, 5), nn.BatchNorm1d(5),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+        nn.BatchNorm1d(5),
     )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):

@@ -15,6 +15,7 @@ The uncentred ORM keeps the float64 Gram of the raw features.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -213,7 +214,8 @@ def _run_checked(model: nn.Module, names: list[str], samples: torch.Tensor) -> N
 
     def check(name: str):  # noqa: ANN202
         def hook(_m: nn.Module, _i: object, out: object) -> None:
-            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            # one reduction: a NaN or Inf anywhere makes the sum non-finite
+            if isinstance(out, torch.Tensor) and not math.isfinite(float(out.sum())):
                 raise OmpqError(
                     f"layer {name} produced NaN/Inf activations on the search samples; check "
                     "the weights (corrupt checkpoint?) and the input normalisation"

@@ -21,12 +21,12 @@ from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem,
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.features import collect_grams
+from ompq_plugin.features import WidthsFor, discover_and_stream
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
-from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers
-from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS, act_stats
+from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers, layer_kind
+from ompq_plugin.methods import DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS
 from ompq_plugin.methods import METHODS as _METHODS
 from ompq_plugin.methods.build import build_problem, solve_uniform
 from ompq_plugin.methods.objectives import range_ends
@@ -132,7 +132,29 @@ def run_search(
     limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
     narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
-    found = discover_layers(model, samples[:1])
+    timings: dict[str, float] = {}
+    k: np.ndarray | None = None
+    gamma: dict[int, float] = {}
+    theta: dict[int, float] = {}
+    stats = None
+    # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
+    need_orm = method in ORM_METHODS and (orm or beta > 0 or importance_fn != "exp")
+    if method in ORM_METHODS:  # one pass: discovery, Grams and activation statistics
+        widths = _act_widths(model, hw, narrow, pins or {}, pin_first_last, method)
+        streamed = discover_and_stream(
+            model,
+            samples,
+            grams=need_orm,
+            centred=orm_form == "centred",
+            act_widths=widths,
+            power_of_two=hw.power_of_two_scales,
+        )
+        found, grams, stats = streamed.layers, streamed.grams, streamed.act_stats
+        timings["features_s"] = grams.features_s - stats.seconds
+        if method == "ompq-noise":
+            timings["act_error_s"] = stats.seconds
+    else:
+        found = discover_layers(model, samples[:1])
     if not allow_unsupported:
         found.require_supported()
     if avg_weight_bits is not None:
@@ -144,27 +166,6 @@ def run_search(
         _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
         for layer in found.layers
     )
-    timings: dict[str, float] = {}
-    k: np.ndarray | None = None
-    gamma: dict[int, float] = {}
-    theta: dict[int, float] = {}
-    stats = None
-    need_orm = False
-    if method in ORM_METHODS:
-        widths = {  # an act width that is fixed needs no error: the solver has no choice
-            lay.name: lay.act_choices
-            for lay in alloc_layers
-            if len(lay.act_choices) > 1 and pin_map.get(lay.name, (None, None))[1] is None
-        }
-        # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
-        need_orm = orm or beta > 0 or importance_fn != "exp"
-        with act_stats.record(model, widths if method == "ompq-noise" else {},
-                              hw.power_of_two_scales) as stats:
-            grams = collect_grams(model, found, samples, centred=orm_form == "centred",
-                                  grams=need_orm)
-        timings["features_s"] = grams.features_s - stats.seconds
-        if method == "ompq-noise":
-            timings["act_error_s"] = stats.seconds
     if method in ORM_METHODS and not need_orm:
         theta = dict.fromkeys(_scored_indices(found, pin_first_last), 1.0)
     elif method in ORM_METHODS:
@@ -231,6 +232,44 @@ def run_search(
         config=config, layers=found, orm=k, allocation=allocation, problem=problem,
         range_ends=ends,
     )
+
+
+def _act_widths(
+    model: nn.Module,
+    hw: HardwareProfile,
+    narrow: tuple[set[int] | None, set[int] | None],
+    user_pins: Mapping[str, Pin],
+    pin_first_last: bool,
+    method: str,
+) -> WidthsFor:
+    """Which layer inputs the single pass scores, at which widths (``ompq-noise`` only): every
+    layer whose act width is left to the solver (pins and narrowing as :func:`_pins` and
+    :func:`_allocation_layer` apply them). Without the execution order (an untraced model) the
+    first and last layers are scored too."""
+
+    def widths(names: list[str], ordered: bool) -> dict[str, tuple[int, ...]]:
+        if method != "ompq-noise" or not names:
+            return {}
+        modules = dict(model.named_modules())
+        ends = {names[0], names[-1]} if ordered and pin_first_last else set()
+        out = {}
+        for name in names:
+            pinned = name in user_pins or name in ends
+            act = (
+                user_pins[name][1]
+                if name in user_pins
+                else (hw.pinned_act_bits if name in ends else None)
+            )
+            if act is not None:
+                continue  # a fixed width needs no error: the solver has no choice
+            choices = hw.bits_for(layer_kind(modules[name])).activation
+            keep = None if pinned else narrow[1]
+            choices = tuple(b for b in choices if keep is None or b in keep) or choices
+            if len(choices) > 1:
+                out[name] = choices
+        return out
+
+    return widths
 
 
 def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:

@@ -47,19 +47,28 @@ class ActErrorStats:
     seconds: float = 0.0
 
 
-def _top(mag: torch.Tensor, j: int) -> torch.Tensor:
-    """Every element of the flat tensor ``mag`` at or above its j-th largest value (and maybe
-    a few more), without ranking the whole tensor: the j-th largest row maximum bounds the j-th
-    largest value from below, so only the rows whose maximum reaches it are searched."""
-    rows = 1024
-    n = mag.numel()
-    if n % rows or n < 64 * rows or j > rows // 4:
-        return mag
-    table = mag.view(rows, -1)
-    peaks = table.amax(dim=1)
+def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(signed, values, magnitudes): every element of the flat tensor whose magnitude reaches
+    its j-th largest magnitude (perhaps a few more), found in one pass without ranking the whole
+    tensor: per row of a table its minimum and maximum; the j-th largest row peak bounds the
+    j-th largest magnitude from below, so only the rows whose peak reaches it are searched.
+    A tensor too small or oddly sized for the table comes back whole."""
+    n = flat.numel()
+    # as many rows as keep them 256 long or more: fewer candidates after the cut
+    sizes = (65536, 32768, 16384, 8192, 4096, 2048, 1024, 512, 256)
+    rows = next((r for r in sizes if n % r == 0 and n >= 256 * r and j <= r // 4), 0)
+    if not rows:
+        signed = bool(flat.min() < 0)
+        return signed, flat, flat.abs() if signed else flat
+    table = flat.view(rows, -1)
+    low, high = table.amin(dim=1), table.amax(dim=1)  # faster than aminmax along a dim
+    signed = bool(low.min() < 0)
+    peaks = torch.maximum(high, -low) if signed else high
     cut = peaks.topk(j).values[-1]
     hits = table[peaks >= cut].reshape(-1)
-    return hits[hits >= cut]
+    mags = hits.abs() if signed else hits
+    keep = mags >= cut
+    return signed, hits[keep], mags[keep]
 
 
 def percentile_threshold(mag: torch.Tensor) -> float:
@@ -68,7 +77,7 @@ def percentile_threshold(mag: torch.Tensor) -> float:
     n = mag.numel()
     k = max(1, min(n, int(round(ACT_PERCENTILE / 100 * n))))
     j = n - k + 1
-    return float(_top(mag, j).topk(j).values[-1])
+    return float(_top(mag, j)[2].topk(j).values[-1])
 
 
 def _range(bits: int, signed: bool, threshold: float, power_of_two: bool) -> tuple[int, int, float]:
@@ -119,24 +128,21 @@ def input_errors(
     energy = float(torch.dot(flat, flat))
     if not math.isfinite(energy):
         raise ValueError("the tensor has NaN/Inf values")
-    signed = bool(flat.min() < 0)
-    mag = flat.abs() if signed else flat
-    n = mag.numel()
+    n = flat.numel()
     k = max(1, min(n, int(round(ACT_PERCENTILE / 100 * n))))
-    top = _top(mag, n - k + 1)
-    thr = float(top.topk(n - k + 1).values[-1])
+    signed, top, top_mag = _top(flat, n - k + 1)
+    thr = float(top_mag.topk(n - k + 1).values[-1])
     if energy == 0.0:
         return dict.fromkeys(widths, 0.0)
     if n <= sample or top.numel() == n:
         parts = [(flat, 1.0)]
     else:  # the top values exactly (signs kept), the rest through a spread sample
-        cut = float(top.min())
-        exact = flat[flat.abs() >= cut] if signed else top
+        cut = float(top_mag.min())
         drawn = flat[_spread_indices(n, sample)]
         inside = (drawn.abs() if signed else drawn) < cut
         rest = drawn * inside  # the top values, scored exactly above, score 0 here
         kept = int(inside.sum())
-        parts = [(exact, 1.0), (rest, (n - exact.numel()) / max(kept, 1))]
+        parts = [(top, 1.0), (rest, (n - top.numel()) / max(kept, 1))]
     buf = torch.empty(max(p.numel() for p, _ in parts))
     out: dict[int, float] = {}
     for b in widths:

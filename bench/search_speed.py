@@ -1,12 +1,16 @@
 """Search speed and memory: OMPQ search vs one float forward pass of the same N images.
 
-Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Per case it
-also records the largest difference between the search's ORM matrix (centred float32 Grams) and
-the same ORM from float64 Grams of the raw features. A last case runs a ResNet-50 Pareto sweep:
-one search, then 100 budgets solved to proven optimality (the sweep's time). Writes
-bench/results/search_speed.json. Run: ``OMPQ_DATA_DIR=../shared/data nice -n 10 python
-bench/search_speed.py`` (about 5 minutes on 2 quiet cores). ImageNet-shape models use CIFAR
-images upsampled to 224x224 and random weights: they measure speed and memory only.
+Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Within it,
+each round times a plain forward pass, a search with the default method (``ompq-noise`` at beta
+0: no ORM) and one with ``--method ompq`` (ORM computed); the figure is the median over rounds
+of each round's ratio, and the 1-minute load average is recorded (the machine is shared). Per
+case it also records the largest difference between the ``ompq`` search's ORM matrix (centred
+float32 Grams) and the same ORM from float64 Grams of the raw features. Further stages: the
+ResNet-50 integer program, the ORM-form spread and a ResNet-50 Pareto sweep (``--searches-only``
+skips them and keeps their previous figures). Writes bench/results/search_speed.json. Run:
+``OMPQ_DATA_DIR=../shared/data nice -n 10 python bench/search_speed.py --threads 1
+--searches-only``. ImageNet-shape models use CIFAR images upsampled to 224x224 and random
+weights: they measure speed and memory only.
 """
 
 from __future__ import annotations

@@ -106,3 +106,17 @@ def test_folded_weights_equal_those_of_the_folded_copy() -> None:
         torch.testing.assert_close(w, folded[name].weight.detach(), rtol=0, atol=0)
     assert torch.equal(got[1], model[3].weight)  # no BatchNorm after it: unchanged
     assert not torch.equal(got[0], model[0].weight)
+
+
+@pytest.mark.parametrize("po2", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_errors_at_every_width_equal_the_one_width_reference(
+    po2: bool, per_channel: bool
+) -> None:
+    from ompq_plugin.methods.quant_error import QuantRule, weight_error, weight_errors
+
+    rule = QuantRule(po2, per_channel)
+    for w in (torch.randn(8, 4, 3, 3), torch.randn(5, 7), torch.zeros(3, 2)):
+        got = weight_errors(w, WIDTHS, rule)
+        for b in WIDTHS:
+            assert got[b] == pytest.approx(weight_error(w, b, rule), rel=1e-12, abs=0)

@@ -30,7 +30,7 @@ from ompq_plugin.methods.objectives import (
     random_values,
     uniform_order,
 )
-from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_error, weight_sq_error
+from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_errors, weight_sq_error
 
 Pin = tuple[int | None, int | None]
 
@@ -92,7 +92,7 @@ def build_problem(
     if method == "ompq-noise":
         weights = folded_weights(model, names, found.graph_module if found.traced else None)
         errors = [
-            {b: weight_error(w, b, rule) for b in lay.weight_choices}
+            weight_errors(w, lay.weight_choices, rule)
             for w, lay in zip(weights, layers, strict=True)
         ]
         timings["weight_error_s"] = time.perf_counter() - start

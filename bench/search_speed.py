@@ -312,8 +312,10 @@ def main() -> None:
                 done[(c["model"], c["input"][0])] = c
     cases = []
     wanted = set(args.models.split(",")) if args.models else {m for m, _ in CASES}
+    earlier = {(c["model"], c["input"][0]): c for c in previous.get("searches", [])}
     for model_name, n in CASES:
-        if model_name not in wanted:
+        if model_name not in wanted:  # not re-measured: keep its earlier figures, if any
+            cases.extend([earlier[(model_name, n)]] if (model_name, n) in earlier else [])
             continue
         print(f"search {model_name} N={n} ...", flush=True)
         cases.append(done.get((model_name, n)) or child("--case", model_name, str(n)))

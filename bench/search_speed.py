@@ -1,12 +1,16 @@
 """Search speed and memory: OMPQ search vs one float forward pass of the same N images.
 
-Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Per case it
-also records the largest difference between the search's ORM matrix (centred float32 Grams) and
-the same ORM from float64 Grams of the raw features. A last case runs a ResNet-50 Pareto sweep:
-one search, then 100 budgets solved to proven optimality (the sweep's time). Writes
-bench/results/search_speed.json. Run: ``OMPQ_DATA_DIR=../shared/data nice -n 10 python
-bench/search_speed.py`` (about 5 minutes on 2 quiet cores). ImageNet-shape models use CIFAR
-images upsampled to 224x224 and random weights: they measure speed and memory only.
+Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Within it,
+each round times a plain forward pass, a search with the default method (``ompq-noise`` at beta
+0: no ORM) and one with ``--method ompq`` (ORM computed); the figure is the median over rounds
+of each round's ratio, and the 1-minute load average is recorded (the machine is shared). Per
+case it also records the largest difference between the ``ompq`` search's ORM matrix (centred
+float32 Grams) and the same ORM from float64 Grams of the raw features. Further stages: the
+ResNet-50 integer program, the ORM-form spread and a ResNet-50 Pareto sweep (``--searches-only``
+skips them and keeps their previous figures). Writes bench/results/search_speed.json. Run:
+``OMPQ_DATA_DIR=../shared/data nice -n 10 python bench/search_speed.py --threads 1
+--searches-only``. ImageNet-shape models use CIFAR images upsampled to 224x224 and random
+weights: they measure speed and memory only.
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ CASES = [
 RESULTS = Path(__file__).resolve().parent / "results" / "search_speed.json"
 
 
-def run_case(model_name: str, n: int, threads: int) -> dict:
+def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
+    """Search vs float forward of the same images, both methods, interleaved in one process.
+
+    Each round times a plain forward pass, a default-method search (``ompq-noise``, beta 0: no
+    ORM) and an ``ompq`` search (ORM computed); the ratios are per round, then the median.
+    """
+    import statistics
+
     import torch
 
     from ompq_plugin.data import resolve_data_dir, search_samples
@@ -43,37 +54,47 @@ def run_case(model_name: str, n: int, threads: int) -> dict:
     x = search_samples(data_dir, spec, n, seed=0)
     with torch.no_grad():
         model(x)  # warm-up
-        forward = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model(x)
-            forward.append(time.perf_counter() - start)
-    run_search(model, x, "generic")  # warm-up (fx trace, first allocations)
-    best = None
-    for _ in range(3):  # best of 3, like the forward pass: the machine is shared
+    methods = ("ompq-noise", "ompq")
+    for method in methods:  # warm-up (first allocations)
+        run_search(model, x, "generic", method=method)
+    load = [os.getloadavg()[0]]
+    rounds = []
+    last = {}
+    for _ in range(repeats):
         start = time.perf_counter()
-        result = run_search(model, x, "generic", model_name=model_name)
-        total_run = time.perf_counter() - start
-        if best is None or total_run < best[0]:
-            best = (total_run, result)
-    total, result = best
-    t = result.config.timings
-    orm_diff = _orm_float32_error(model, result, x)
-    return {
+        with torch.no_grad():
+            model(x)
+        row = {"forward_s": time.perf_counter() - start}
+        for method in methods:
+            start = time.perf_counter()
+            last[method] = run_search(model, x, "generic", method=method, model_name=model_name)
+            row[method] = time.perf_counter() - start
+        rounds.append(row)
+        load.append(os.getloadavg()[0])
+    out = {
         "model": model_name,
         "pretrained": spec.pretrained,
         "input": list(x.shape),
-        "layers": len(result.config.layers),
-        "float_forward_s": min(forward),  # best of 3 (search: best of 3 too)
-        "search_total_s": total,
-        "features_s": t["features_s"],
-        "orm_s": t["orm_s"],
-        "solve_s": t["solve_s"],
-        "other_s": total - sum(t.values()),
-        "ratio_to_forward": total / min(forward),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "orm_float32_vs_float64_max_abs_diff": orm_diff,
+        "layers": len(last["ompq"].config.layers),
+        "repeats": repeats,
+        "load_average_1min": load,
+        "forward_s_median": statistics.median(r["forward_s"] for r in rounds),
+        "rounds": rounds,
     }
+    for method in methods:
+        t = dict(last[method].config.timings)
+        out[method] = {
+            "search_s_median": statistics.median(r[method] for r in rounds),
+            "ratio_to_forward_median": statistics.median(
+                r[method] / r["forward_s"] for r in rounds
+            ),
+            "timings_last": t,
+            "orm_computed": last[method].orm is not None,
+        }
+    out["ratio_to_forward"] = out["ompq-noise"]["ratio_to_forward_median"]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["orm_float32_vs_float64_max_abs_diff"] = _orm_float32_error(model, last["ompq"], x)
+    return out
 
 
 def _orm_float32_error(model, result, x) -> float:  # noqa: ANN001
@@ -240,9 +261,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse searches already measured")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per search case")
+    parser.add_argument("--models", help="comma-separated subset of the search cases")
+    parser.add_argument(
+        "--searches-only",
+        action="store_true",
+        help="only the search cases; keep the other sections of the JSON",
+    )
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.threads)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.threads, args.repeats)))
         return
     if args.ip:
         print(json.dumps(solve_resnet50_ip()))
@@ -260,7 +288,15 @@ def main() -> None:
 
     def child(*extra: str) -> dict:
         out = subprocess.run(
-            [sys.executable, __file__, *extra, "--threads", str(args.threads)],
+            [
+                sys.executable,
+                __file__,
+                *extra,
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -268,18 +304,31 @@ def main() -> None:
         ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     done = {}
     if args.resume and RESULTS.is_file():  # cases already measured by this script (same flags)
         for c in json.loads(RESULTS.read_text()).get("searches", []):
             if "orm_float32_vs_float64_max_abs_diff" in c:
                 done[(c["model"], c["input"][0])] = c
     cases = []
+    wanted = set(args.models.split(",")) if args.models else {m for m, _ in CASES}
+    earlier = {(c["model"], c["input"][0]): c for c in previous.get("searches", [])}
     for model_name, n in CASES:
+        if model_name not in wanted:  # not re-measured: keep its earlier figures, if any
+            cases.extend([earlier[(model_name, n)]] if (model_name, n) in earlier else [])
+            continue
         print(f"search {model_name} N={n} ...", flush=True)
         cases.append(done.get((model_name, n)) or child("--case", model_name, str(n)))
-        partial = {"partial": True, "searches": cases}
+        partial = {**previous, "partial": True, "searches": cases}
         RESULTS.write_text(json.dumps(partial, indent=2) + "\n")
         print(json.dumps(cases[-1]), flush=True)
+    if args.searches_only:
+        previous.pop("partial", None)
+        targets = previous.setdefault("targets", {})
+        targets["search_within_1.5x_forward"] = all(c["ratio_to_forward"] <= 1.5 for c in cases)
+        RESULTS.write_text(json.dumps({**previous, "searches": cases}, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+        return
     print("ResNet-50 integer program ...", flush=True)
     ip = child("--ip")
     spread = child("--spread")

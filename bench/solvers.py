@@ -34,6 +34,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solvers.json"
@@ -220,11 +221,125 @@ def summarise(runs: list[dict], best: list[float | None]) -> dict:
     return out
 
 
+def sweep_profile(every: int = 10) -> dict:
+    """Why the ResNet-50 Pareto sweep of the default method is slow: per point of the 100-budget
+    line of ``bench/search_speed.py`` (every ``every``-th point), the solve time of HiGHS as
+    ``solve`` runs it (a new model per point), HiGHS with one model whose budget rows are
+    changed between points, the same plus the previous point's answer as MIP start (feasible:
+    budgets only grow), and the DP (``solver="dp"``). The objective values are ``ompq-noise``'s
+    (beta 0) from a real search of ResNet-50 (random weights, N = 8 images)."""
+    import highspy
+    import numpy as np
+    import torch
+
+    from ompq_plugin.allocate import budget_line, solve
+    from ompq_plugin.allocate.highs import _new_highs, formulate
+    from ompq_plugin.allocate.problem import budget_limits, checked_allocation, prepare
+    from ompq_plugin.budgets import Budgets
+    from ompq_plugin.errors import OmpqError
+    from ompq_plugin.models import build_model
+    from ompq_plugin.searcher import run_search
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, _ = build_model("resnet50")
+    weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
+    result = run_search(
+        model, torch.randn(8, 3, 224, 224), "generic", weight_bits=weights, act_bits=acts
+    )
+    problem = result.problem
+    params, macs = result.layers.total_params, result.layers.total_macs
+    line = budget_line(Budgets(2.6 * params, 8 * macs), Budgets(8 * params, 64 * macs), 100)
+    prep = prepare(problem)
+    top = budget_limits(line[-1])
+    form = formulate(replace(problem, budgets=line[-1]), prep, top)
+    n, rows = len(form.cost), len(form.row_lower)
+    h = _new_highs()
+    for key, value in (("mip_rel_gap", 1e-9), ("mip_abs_gap", 0.0), ("threads", 1)):
+        h.setOptionValue(key, value)
+    h.passModel(
+        n,
+        rows,
+        len(form.a_index),
+        int(highspy.MatrixFormat.kRowwise),
+        int(highspy.ObjSense.kMaximize),
+        0.0,
+        form.cost,
+        np.zeros(n),
+        np.ones(n),
+        form.row_lower,
+        form.row_upper,
+        form.a_start,
+        form.a_index,
+        form.a_value,
+        np.full(n, int(highspy.HighsVarType.kInteger), dtype=np.int32),
+    )
+
+    def reused(j: int, start: np.ndarray | None) -> tuple[float, float, np.ndarray]:
+        lim = budget_limits(line[j])
+        t = time.perf_counter()
+        for k in (0, 1):  # the budget rows are the last two, scaled by the line's end
+            h.changeRowBounds(rows - 2 + k, -math.inf, lim[k] / top[k])
+        if start is not None:
+            sol = highspy.HighsSolution()
+            sol.col_value = list(start)
+            sol.value_valid = True
+            h.setSolution(sol)
+        h.run()
+        x = np.array(h.getSolution().col_value)
+        chosen = [
+            lp[int(np.argmax(x[f : f + len(lp)]))]
+            for f, lp in zip(form.first, form.pairs, strict=True)
+        ]
+        alloc, broken = checked_allocation(replace(problem, budgets=line[j]), chosen, t, "highs")
+        return time.perf_counter() - t, alloc.objective if not broken else math.nan, x
+
+    points = []
+    previous = None
+    for j in range(0, len(line), every):
+        row = {"point": j}
+        t = time.perf_counter()
+        row["highs_objective"] = solve(
+            replace(problem, budgets=line[j]), 60, solver="highs"
+        ).objective
+        row["highs_s"] = time.perf_counter() - t
+        row["reused_s"], row["reused_objective"], _ = reused(j, None)
+        row["warm_s"], row["warm_objective"], previous = reused(j, previous)
+        t = time.perf_counter()
+        try:
+            row["dp_objective"] = solve(
+                replace(problem, budgets=line[j]), 30, solver="dp"
+            ).objective
+        except OmpqError as exc:
+            row["dp_objective"] = str(exc)[:60]
+        row["dp_s"] = time.perf_counter() - t
+        points.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {
+        "model": "resnet50",
+        "layers": len(problem.layers),
+        "choices": "weight 2..8, act 2/4/6/8",
+        "points": points,
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--solver")
     parser.add_argument("--highspy-path", help="folder with highspy < 1.15 for mip.HIGHS")
+    parser.add_argument(
+        "--sweep-profile",
+        action="store_true",
+        help="only profile the ResNet-50 sweep -> bench/results/sweep_profile.json",
+    )
     args = parser.parse_args()
+    if args.sweep_profile:
+        out = RESULTS.with_name("sweep_profile.json")
+        report = {"measured": time.strftime("%Y-%m-%d %H:%M"), **sweep_profile()}
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     if args.solver:
         print(json.dumps(run_solver(args.solver)))
         return

@@ -15,7 +15,9 @@ The uncentred ORM keeps the float64 Gram of the raw features.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch.fx
 from torch import nn
 
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.layers import ModelLayers
+from ompq_plugin.layers import QUANTIZABLE_TYPES, ModelLayers, discover_layers, feature_points
+from ompq_plugin.methods import act_stats
 
 # Columns of a feature converted to float64 at a time: bounds the float64 copy to ~64 MiB.
 _CHUNK_ELEMENTS = 1 << 23
@@ -39,21 +42,21 @@ class GramResult:
 
 
 class _GramAccumulator:
-    def __init__(self, layers: ModelLayers, centred: bool = False) -> None:
+    def __init__(self, points: Mapping[str, str], centred: bool = False) -> None:
+        """``points``: layer name -> the node (or module) whose output is its feature."""
         self.centred = centred
-        self.by_point: dict[str, list[int]] = {}
-        for i, layer in enumerate(layers.layers):
-            self.by_point.setdefault(layer.feature_node, []).append(i)
-        self.names = layers.names
-        self.grams: list[torch.Tensor | None] = [None] * len(layers.layers)
+        self.by_point: dict[str, list[str]] = {}
+        for name, point in points.items():
+            self.by_point.setdefault(point, []).append(name)
+        self.grams: dict[str, torch.Tensor] = {}
         self.seconds = 0.0
 
     def add(self, point: str, value: object) -> None:
-        indices = self.by_point.get(point)
-        if not indices:
+        names = self.by_point.get(point)
+        if not names:
             return
         if not isinstance(value, torch.Tensor):
-            raise OmpqError(f"feature of layer {self.names[indices[0]]} is not a tensor")
+            raise OmpqError(f"feature of layer {names[0]} is not a tensor")
         start = time.perf_counter()
         if self.centred:
             g, raw_zero = centred_gram(value.detach())
@@ -61,15 +64,15 @@ class _GramAccumulator:
             g = streamed_gram(value.detach())
             raw_zero = float(torch.diagonal(g).max()) == 0.0
         self.seconds += time.perf_counter() - start
-        check_gram(g, [self.names[i] for i in indices], all_zero=raw_zero)
-        for i in indices:
-            self.grams[i] = g
+        check_gram(g, names, all_zero=raw_zero)
+        for name in names:
+            self.grams[name] = g
 
-    def result(self) -> list[torch.Tensor]:
-        missing = [self.names[i] for i, g in enumerate(self.grams) if g is None]
+    def result(self, names: list[str]) -> list[torch.Tensor]:
+        missing = [n for n in names if n not in self.grams]
         if missing:
             raise OmpqError(f"no feature was produced for layers {missing}; is the model static?")
-        return [g for g in self.grams if g is not None]
+        return [self.grams[n] for n in names]
 
 
 def streamed_gram(features: torch.Tensor) -> torch.Tensor:
@@ -158,19 +161,30 @@ class _Tapping(torch.fx.Interpreter):
 
 
 def collect_grams(
-    model: nn.Module, layers: ModelLayers, samples: torch.Tensor, *, centred: bool = False
+    model: nn.Module,
+    layers: ModelLayers,
+    samples: torch.Tensor,
+    *,
+    centred: bool = False,
+    grams: bool = True,
 ) -> GramResult:
     """Run ``samples`` (N, ...) once through the float model; return every layer's Gram.
 
     ``centred``: Grams of the features centred over the samples, in float32 (all the centred
-    ORM needs); otherwise float64 Grams of the raw features.
+    ORM needs); otherwise float64 Grams of the raw features. ``grams=False`` runs the plain
+    forward pass only (for forward hooks such as the activation statistics) and returns no Gram.
     """
-    acc = _GramAccumulator(layers, centred)
+    acc = _GramAccumulator({lay.name: lay.feature_node for lay in layers.layers}, centred)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            if not grams:
+                _run_checked(model, layers.names, samples)
+                return GramResult(
+                    [], features_s=time.perf_counter() - start, gram_s=0.0, centred=centred
+                )
             if layers.traced and layers.graph_module is not None:
                 _Tapping(layers.graph_module.eval(), acc).run(samples)
             else:
@@ -179,7 +193,10 @@ def collect_grams(
         model.train(was_training)
     total = time.perf_counter() - start
     return GramResult(
-        acc.result(), features_s=total - acc.seconds, gram_s=acc.seconds, centred=centred
+        acc.result(layers.names),
+        features_s=total - acc.seconds,
+        gram_s=acc.seconds,
+        centred=centred,
     )
 
 
@@ -194,3 +211,92 @@ def _run_with_hooks(model: nn.Module, acc: _GramAccumulator, samples: torch.Tens
     finally:
         for h in handles:
             h.remove()
+
+
+def _run_checked(model: nn.Module, names: list[str], samples: torch.Tensor) -> None:
+    """The plain forward pass, stopping at the first layer whose output is not finite."""
+    modules = dict(model.named_modules())
+
+    def check(name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            # one reduction: a NaN or Inf anywhere makes the sum non-finite
+            if isinstance(out, torch.Tensor) and not math.isfinite(float(out.sum())):
+                raise OmpqError(
+                    f"layer {name} produced NaN/Inf activations on the search samples; check "
+                    "the weights (corrupt checkpoint?) and the input normalisation"
+                )
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(check(n)) for n in names if n in modules]
+    try:
+        model(samples)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+WidthsFor = Callable[[list[str], bool], Mapping[str, Sequence[int]]]
+
+
+@dataclass
+class StreamResult:
+    """What the search's single forward pass produced."""
+
+    layers: ModelLayers
+    grams: GramResult  # no Gram when none was asked for
+    act_stats: act_stats.ActErrorStats
+
+
+def discover_and_stream(
+    model: nn.Module,
+    samples: torch.Tensor,
+    *,
+    grams: bool,
+    centred: bool,
+    act_widths: WidthsFor,
+    power_of_two: bool,
+) -> StreamResult:
+    """One pass of all ``samples`` that discovers the layers (:func:`discover_layers` records
+    every call) and, in the same forward, forms the Grams (``grams``) and the activation error
+    statistics. ``act_widths(names, ordered)`` says which layers' inputs to score at which
+    widths; ``names`` are the quantizable layers, in execution order when ``ordered``."""
+    found: dict[str, object] = {}
+
+    def run(model: nn.Module, gm: torch.fx.GraphModule | None) -> None:
+        if gm is not None:
+            points = feature_points(gm)
+        else:
+            quantizable = (n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES))
+            points = {n: n for n in quantizable}
+        acc = _GramAccumulator(points, centred)
+        widths = act_widths(list(points), gm is not None)
+        start = time.perf_counter()
+        with act_stats.record(model, widths, power_of_two) as stats:
+            if not grams:
+                _run_checked(model, list(points), samples)
+            elif gm is not None:
+                _Tapping(gm.eval(), acc).run(samples)
+            else:
+                _run_with_hooks(model, acc, samples)
+        found.update(
+            acc=acc, stats=stats, traced=gm is not None, seconds=time.perf_counter() - start
+        )
+
+    layers = discover_layers(model, samples, run)
+    acc, stats = found["acc"], found["stats"]
+    assert isinstance(acc, _GramAccumulator) and isinstance(stats, act_stats.ActErrorStats)
+    seconds = float(found["seconds"])  # type: ignore[arg-type]
+    if not grams:
+        result = GramResult([], features_s=seconds, gram_s=0.0, centred=centred)
+    elif layers.traced != found["traced"]:  # the trace was dropped after the pass: hooks again
+        result = collect_grams(model, layers, samples, centred=centred)
+        result.features_s += seconds
+    else:
+        result = GramResult(
+            acc.result(layers.names),
+            features_s=seconds - acc.seconds,
+            gram_s=acc.seconds,
+            centred=centred,
+        )
+    return StreamResult(layers, result, stats)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -153,11 +154,29 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     return per_sample_out * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayers:
-    """Quantizable layers of ``model`` in execution order, with structure from torch.fx."""
+Runner = Callable[[nn.Module, "torch.fx.GraphModule | None"], None]
+
+
+def discover_layers(
+    model: nn.Module, example_input: torch.Tensor, run: Runner | None = None
+) -> ModelLayers:
+    """Quantizable layers of ``model`` in execution order, with structure from torch.fx.
+
+    The model is traced first, then run once with hooks that record each layer's call. By
+    default that run is a forward pass of one example; ``run(model, graph)`` replaces it (the
+    search streams all its samples through the traced graph in that same pass, see
+    :mod:`ompq_plugin.features`); ``graph`` is the trace, or None for an untraceable model.
+    """
     if example_input.dim() < 2:
         raise OmpqError("example input needs a batch dimension, e.g. shape (1, 3, 32, 32)")
-    records = _record_calls(model, example_input[:1])
+    try:
+        gm: torch.fx.GraphModule | None = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure falls back to hooks only
+        gm = None
+    if run is None:
+        records = _record_calls(model, example_input[:1], lambda m, _g: m(example_input[:1]))
+    else:
+        records = _record_calls(model, example_input, lambda m, _g: run(m, gm), gm)
     unsupported = [
         UnsupportedLayer(name, type(m).__name__)
         for name, m in model.named_modules()
@@ -168,11 +187,6 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayer
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer used in its forward pass; "
             "nothing to quantize"
         )
-    try:
-        gm: torch.fx.GraphModule | None = torch.fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to hooks only
-        gm = None
-
     if gm is not None:
         nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
         missing = [name for name, _, _, _ in records if name not in nodes]
@@ -194,7 +208,7 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayer
             groups[name] = f"{name}:input"
 
     layers = []
-    for index, (name, module, x, y) in enumerate(records):
+    for index, (name, module, (x_shape, y_shape), macs) in enumerate(records):
         layers.append(
             LayerInfo(
                 name=name,
@@ -202,9 +216,9 @@ def discover_layers(model: nn.Module, example_input: torch.Tensor) -> ModelLayer
                 module_type=type(module).__name__,
                 kind=layer_kind(module),
                 params=module.weight.numel(),
-                macs=layer_macs(module, y),
-                input_shape=tuple(x.shape[1:]),
-                output_shape=tuple(y.shape[1:]),
+                macs=macs,
+                input_shape=x_shape,
+                output_shape=y_shape,
                 feature_node=features[name],
                 act_group=groups[name],
             )
@@ -239,10 +253,19 @@ def _weights_used_as_functions(
     return out
 
 
+Record = tuple[str, nn.Module, tuple[tuple[int, ...], tuple[int, ...]], int]
+
+
 def _record_calls(
-    model: nn.Module, x: torch.Tensor
-) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
-    records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+    model: nn.Module,
+    x: torch.Tensor,
+    forward: Runner,
+    gm: torch.fx.GraphModule | None = None,
+) -> list[Record]:
+    """(name, module, (input shape, output shape) per sample, MACs per sample) of every
+    quantizable layer, in call order, from hooks during ``forward(model, gm)``; shapes only, so
+    a pass over many samples keeps no tensor alive."""
+    records: list[Record] = []
     seen: set[str] = set()
 
     def hook(name: str):  # noqa: ANN202
@@ -253,7 +276,8 @@ def _record_calls(
                     "give each use its own module"
                 )
             seen.add(name)
-            records.append((name, module, inputs[0].detach(), output.detach()))
+            shapes = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+            records.append((name, module, shapes, layer_macs(module, output)))
 
         return record
 
@@ -266,7 +290,7 @@ def _record_calls(
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            forward(model, gm)
     except OmpqError:
         raise
     except Exception as exc:
@@ -279,6 +303,16 @@ def _record_calls(
             h.remove()
         model.train(was_training)
     return records
+
+
+def feature_points(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Every quantizable layer of the trace -> the node whose output is its feature f_i."""
+    modules = dict(gm.named_modules())
+    return {
+        str(n.target): _feature_node(n, modules).name
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(modules.get(str(n.target)), QUANTIZABLE_TYPES)
+    }
 
 
 def _is_op(node: torch.fx.Node, modules: dict[str, nn.Module], types, functions, methods) -> bool:  # noqa: ANN001

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -73,19 +73,35 @@ def pareto_front(
     points: int = 100,
     *,
     time_limit_s: float = 60.0,
+    avg_weight_bits: tuple[float, float] | None = None,
     **search_options: Any,
 ) -> ParetoFront:
     """The proven-optimal allocation at ``points`` budgets from ``low`` to ``high``.
 
-    Budgets left infinite in both ends keep the profile's value. ``search_options`` go to
+    Budgets left infinite in both ends keep the profile's value. ``avg_weight_bits`` (low,
+    high) sweeps the weight memory as average bits over the layers the search discovers
+    (instead of ``low``/``high``'s weight memory). ``search_options`` go to
     :func:`ompq_plugin.searcher.run_search` (beta, pins, model_name, ...); ``time_limit_s``
     bounds each solve.
     """
     hw = load_profile(profile) if isinstance(profile, str) else profile
-    line = budget_line(hw.budgets.merged(low), hw.budgets.merged(high), points)
-    result = run_search(model, samples, hw, line[-1], time_limit_s=time_limit_s, **search_options)
+    high_avg = avg_weight_bits[1] if avg_weight_bits is not None else None
+    result = run_search(
+        model,
+        samples,
+        hw,
+        hw.budgets.merged(high),
+        time_limit_s=time_limit_s,
+        avg_weight_bits=high_avg,
+        **search_options,
+    )
     if result.problem is None:
         raise OmpqError("internal error: the search returned no problem to sweep")
+    if avg_weight_bits is not None:
+        params = result.layers.total_params
+        low = replace(low, weight_memory_bits=avg_weight_bits[0] * params)
+        high = replace(high, weight_memory_bits=avg_weight_bits[1] * params)
+    line = budget_line(hw.budgets.merged(low), hw.budgets.merged(high), points)
     start = time.perf_counter()
     front = sweep(result.problem, line, time_limit_s)
     layers = result.layers

@@ -21,18 +21,12 @@ from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem,
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.features import collect_grams
+from ompq_plugin.features import WidthsFor, discover_and_stream
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
-from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers
-from ompq_plugin.methods import (
-    DEFAULT_ACT_WEIGHT,
-    DEFAULT_BETA,
-    DEFAULT_METHOD,
-    ORM_METHODS,
-    act_stats,
-)
+from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers, layer_kind
+from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS
 from ompq_plugin.methods import METHODS as _METHODS
 from ompq_plugin.methods.build import build_problem, solve_uniform
 from ompq_plugin.methods.objectives import range_ends
@@ -41,6 +35,8 @@ from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix, uninformative
 METHODS = _METHODS
 
 Pin = tuple[int | None, int | None]
+# BitConfig.orm_form of an ORM method's search that skipped the ORM (theta identically 1)
+ORM_NOT_COMPUTED = "not computed (theta = 1 at beta 0)"
 
 
 @dataclass
@@ -91,6 +87,8 @@ def run_search(
     weight_bits: Sequence[int] | None = None,
     act_bits: Sequence[int] | None = None,
     labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    avg_weight_bits: float | None = None,
+    orm: bool = False,
 ) -> SearchResult:
     """Choose bits with ``method`` (see :mod:`ompq_plugin.methods`) and return the BitConfig
     with the ORM matrix and the solver's answer.
@@ -103,7 +101,13 @@ def run_search(
     for the free layers. ``beta`` defaults to the method's (``DEFAULT_BETA``). ``labelled``
     (images, labels) feeds ``hawq``'s Hessian (200 training images are the reference setting);
     ``seed`` drives ``random``. ``act_weight`` scales ``ompq-noise``'s activation errors
-    against its weight errors.
+    against its weight errors. ``avg_weight_bits`` sets the weight memory budget as average
+    bits over the quantized layers (counted by the search's own layer discovery).
+
+    The ORM matrix (Grams of every layer's features) is computed only when it matters: for the
+    ORM methods unless theta is identically 1 (``exp`` importance at beta 0, the default of
+    ``ompq-noise``), or when ``orm`` asks for it (e.g. a plot). Otherwise ``SearchResult.orm``
+    is None and the BitConfig's ``orm_form`` says "not computed".
     """
     start_all = time.perf_counter()
     if method not in METHODS:
@@ -132,28 +136,43 @@ def run_search(
     limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
     narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
-    found = discover_layers(model, samples[:1])
-    if not allow_unsupported:
-        found.require_supported()
-    pin_map = _pins(found, hw, pins or {}, pin_first_last)
-    alloc_layers = tuple(
-        _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
-        for layer in found.layers
-    )
     timings: dict[str, float] = {}
     k: np.ndarray | None = None
     gamma: dict[int, float] = {}
     theta: dict[int, float] = {}
     stats = None
-    if method in ORM_METHODS:
-        widths = {  # an act width that is fixed needs no error: the solver has no choice
-            lay.name: lay.act_choices
-            for lay in alloc_layers
-            if len(lay.act_choices) > 1 and pin_map.get(lay.name, (None, None))[1] is None
-        }
-        with act_stats.record(model, widths if method == "ompq-noise" else {},
-                              hw.power_of_two_scales) as stats:
-            grams = collect_grams(model, found, samples, centred=orm_form == "centred")
+    # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
+    need_orm = method in ORM_METHODS and (orm or beta > 0 or importance_fn != "exp")
+    if method in ORM_METHODS:  # one pass: discovery, Grams and activation statistics
+        widths = _act_widths(model, hw, narrow, pins or {}, pin_first_last, method)
+        streamed = discover_and_stream(
+            model,
+            samples,
+            grams=need_orm,
+            centred=orm_form == "centred",
+            act_widths=widths,
+            power_of_two=hw.power_of_two_scales,
+        )
+        found, grams, stats = streamed.layers, streamed.grams, streamed.act_stats
+        timings["features_s"] = grams.features_s - stats.seconds
+        if method == "ompq-noise":
+            timings["act_error_s"] = stats.seconds
+    else:
+        found = discover_layers(model, samples[:1])
+    if not allow_unsupported:
+        found.require_supported()
+    if avg_weight_bits is not None:
+        if not avg_weight_bits > 0:
+            raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
+        limits = limits.merged(Budgets(weight_memory_bits=avg_weight_bits * found.total_params))
+    pin_map = _pins(found, hw, pins or {}, pin_first_last)
+    alloc_layers = tuple(
+        _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
+        for layer in found.layers
+    )
+    if method in ORM_METHODS and not need_orm:
+        theta = dict.fromkeys(_scored_indices(found, pin_first_last), 1.0)
+    elif method in ORM_METHODS:
         start = time.perf_counter()
         k = orm_matrix(grams.grams, orm_form)
         for i in uninformative(grams.grams, orm_form):
@@ -168,10 +187,7 @@ def run_search(
         theta_sub = importance(gamma_sub, beta, importance_fn)
         gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
         theta = dict(zip(scored, theta_sub.tolist(), strict=True))
-        timings["features_s"] = grams.features_s - stats.seconds
         timings["orm_s"] = grams.gram_s + time.perf_counter() - start
-        if method == "ompq-noise":
-            timings["act_error_s"] = stats.seconds
 
     problem = build_problem(
         method, model, found, alloc_layers, limits, pin_map, hw,
@@ -210,7 +226,8 @@ def run_search(
         act_weight=act_weight if method == "ompq-noise" else None,
         samples=int(samples.shape[0]),
         seed=seed,
-        orm_form=orm_form if method in ORM_METHODS else None,
+        orm_form=(orm_form if k is not None else ORM_NOT_COMPUTED) if method in ORM_METHODS
+        else None,
         timings=timings,
         versions=library_versions(),
     )
@@ -220,6 +237,44 @@ def run_search(
         config=config, layers=found, orm=k, allocation=allocation, problem=problem,
         range_ends=ends,
     )
+
+
+def _act_widths(
+    model: nn.Module,
+    hw: HardwareProfile,
+    narrow: tuple[set[int] | None, set[int] | None],
+    user_pins: Mapping[str, Pin],
+    pin_first_last: bool,
+    method: str,
+) -> WidthsFor:
+    """Which layer inputs the single pass scores, at which widths (``ompq-noise`` only): every
+    layer whose act width is left to the solver (pins and narrowing as :func:`_pins` and
+    :func:`_allocation_layer` apply them). Without the execution order (an untraced model) the
+    first and last layers are scored too."""
+
+    def widths(names: list[str], ordered: bool) -> dict[str, tuple[int, ...]]:
+        if method != "ompq-noise" or not names:
+            return {}
+        modules = dict(model.named_modules())
+        ends = {names[0], names[-1]} if ordered and pin_first_last else set()
+        out = {}
+        for name in names:
+            pinned = name in user_pins or name in ends
+            act = (
+                user_pins[name][1]
+                if name in user_pins
+                else (hw.pinned_act_bits if name in ends else None)
+            )
+            if act is not None:
+                continue  # a fixed width needs no error: the solver has no choice
+            choices = hw.bits_for(layer_kind(modules[name])).activation
+            keep = None if pinned else narrow[1]
+            choices = tuple(b for b in choices if keep is None or b in keep) or choices
+            if len(choices) > 1:
+                out[name] = choices
+        return out
+
+    return widths
 
 
 def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:

@@ -180,3 +180,29 @@ def test_profile_excluded_pairs_are_never_chosen(resnet20):
     pairs = {(lb.weight_bits, lb.act_bits) for lb in config.layers}
     assert (4, 16) not in pairs
     assert {lb.weight_bits for lb in config.layers} == {4, 8}
+
+
+def test_default_method_skips_the_orm_it_does_not_use(resnet20):
+    from ompq_plugin.searcher import ORM_NOT_COMPUTED
+
+    model, samples = resnet20
+    budgets = Budgets(weight_memory_bits=4 * 268_336)
+    skipped = run_search(model, samples[:16], "generic", budgets)  # ompq-noise, beta 0
+    assert skipped.orm is None and skipped.config.orm_form == ORM_NOT_COMPUTED
+    assert "orm_s" not in skipped.config.timings
+    free = skipped.config.layers[1:-1]
+    assert all(lb.theta == 1.0 and lb.gamma is None for lb in free)
+    full = run_search(model, samples[:16], "generic", budgets, orm=True)
+    assert full.orm is not None and full.config.orm_form == "centred"
+    assert full.allocation.weight_bits == skipped.allocation.weight_bits  # theta = 1 either way
+    assert full.allocation.act_bits == skipped.allocation.act_bits
+
+
+def test_avg_weight_bits_counts_the_discovered_layers(resnet20):
+    model, samples = resnet20
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES))
+    by_avg = run_search(model, samples[:8], "generic", avg_weight_bits=3.0, method="size-greedy")
+    by_bits = run_search(model, samples[:8], "generic", Budgets(weight_memory_bits=3.0 * params),
+                         method="size-greedy")
+    assert by_avg.config.budgets == by_bits.config.budgets
+    assert by_avg.allocation.weight_bits == by_bits.allocation.weight_bits

@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.cli.common import build_for_cli, open_source
     from ompq_plugin.data import search_samples
     from ompq_plugin.fileio import check_writable
-    from ompq_plugin.layers import discover_layers
     from ompq_plugin.pareto import pareto_front
 
     if args.points < 2:
@@ -67,17 +66,13 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args)
     model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
     samples = search_samples(source, spec, args.samples, seed=args.seed)
-    # only the layers the search quantizes (a weight used through F.linear is not one of them)
-    total_params = discover_layers(model, samples[:1]).total_params
 
     def end(k: int) -> Budgets:
         pick = lambda span: None if span is None else span[k]  # noqa: E731
-        return Budgets.from_user(
+        return Budgets.from_user(  # --avg-weight-bits: resolved by the search's own discovery
             weight_memory_kib=pick(args.weight_memory_kib),
             bops_g=pick(args.bops_g),
             act_buffer_kib=pick(args.act_buffer_kib),
-            avg_weight_bits=pick(args.avg_weight_bits),
-            total_params=total_params,
         )
 
     front = pareto_front(
@@ -88,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         end(1),
         args.points,
         time_limit_s=args.time_limit,
+        avg_weight_bits=args.avg_weight_bits,
         beta=args.beta,
         method=args.method,
         act_weight=args.act_weight,

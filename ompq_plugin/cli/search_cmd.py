@@ -105,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.cli.common import build_for_cli, open_source
     from ompq_plugin.data import search_samples
     from ompq_plugin.hw_profiles import load_profile
-    from ompq_plugin.layers import discover_layers
     from ompq_plugin.searcher import parse_pin, run_search
 
     for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples",
@@ -121,14 +120,10 @@ def run(args: argparse.Namespace) -> int:
     samples = search_samples(source, spec, args.samples, seed=args.seed)
     labelled = (_hessian_images(source, spec, args.hessian_images, args.seed)
                 if args.method == "hawq" else None)
-    # only the layers the search quantizes (a weight used through F.linear is not one of them)
-    total_params = discover_layers(model, samples[:1]).total_params
-    budgets = Budgets.from_user(
+    budgets = Budgets.from_user(  # --avg-weight-bits: over the layers the search discovers
         weight_memory_kib=args.weight_memory_kib,
         bops_g=args.bops_g,
         act_buffer_kib=args.act_buffer_kib,
-        avg_weight_bits=args.avg_weight_bits,
-        total_params=total_params,
     )
     result = run_search(
         model,
@@ -149,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
         labelled=labelled,
+        avg_weight_bits=args.avg_weight_bits,
+        orm=args.orm_plot is not None,
     )
     config = result.config.with_model_info(spec)
     if not spec.pretrained:
@@ -180,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         from ompq_plugin.report import print_config
 
         print_config(config)
+        if result.orm is None and config.orm_form is not None:
+            print(f"note: ORM {config.orm_form}: {config.method} weights every layer equally at "
+                  "this beta, so the Grams were skipped (--beta > 0 or --orm-plot computes it)")
         if ends:
             lows = sum(1 for v in ends.values() if v == "min")
             print(f"note: {len(ends)} free layers sit at an end of their allowed range "

@@ -2,19 +2,41 @@
 
 A forward pre-hook on each layer sees the layer's input on the N search samples while the ORM
 features stream past (the hook runs inside the same single pass) and keeps only the relative
-error at each candidate width -- a handful of floats per layer, never the tensor.
+error at each candidate width -- a handful of floats per layer, never the tensor. Layers reading
+the same tensor (one act group) share one measurement.
+
+Cost: scoring every width over the whole tensor cost 5x a float forward pass on ResNet-20
+(7 widths x 6 element-wise passes per layer input). :func:`input_errors` instead makes a fixed
+number of passes over the tensor, whatever the widths:
+
+* the calibration threshold (99.999th percentile of ``|x|``) is exact, as before;
+* the *tail* (``|x|`` above half the threshold: every element any width clips, and the largest
+  rounding errors) is scored exactly;
+* the *bulk* (the rest: pure rounding error at every width, bounded by half a step) is scored on
+  ``SAMPLE`` elements drawn with a fixed seed and scaled up to the bulk's size (ratio estimate).
+
+Tensors of at most ``SAMPLE`` elements are scored exactly. The estimate's relative deviation
+from the exact error is measured in the tests on real ResNet-20 inputs (well below 1 %).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from ompq_plugin.methods.quant_error import act_errors
+from ompq_plugin.errors import OmpqError
+from ompq_plugin.methods.quant_error import ACT_PERCENTILE
+
+SAMPLE = 1 << 16  # bulk elements scored per layer input
+_MIN_SCALE = 1e-10  # Brevitas scaling_min_val (as quant_error)
 
 
 @dataclass
@@ -25,6 +47,110 @@ class ActErrorStats:
     seconds: float = 0.0
 
 
+def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(signed, values, magnitudes): every element of the flat tensor whose magnitude reaches
+    its j-th largest magnitude (perhaps a few more), found in one pass without ranking the whole
+    tensor: per row of a table its minimum and maximum; the j-th largest row peak bounds the
+    j-th largest magnitude from below, so only the rows whose peak reaches it are searched.
+    A tensor too small or oddly sized for the table comes back whole."""
+    n = flat.numel()
+    # as many rows as keep them 256 long or more: fewer candidates after the cut
+    sizes = (65536, 32768, 16384, 8192, 4096, 2048, 1024, 512, 256)
+    rows = next((r for r in sizes if n % r == 0 and n >= 256 * r and j <= r // 4), 0)
+    if not rows:
+        signed = bool(flat.min() < 0)
+        return signed, flat, flat.abs() if signed else flat
+    table = flat.view(rows, -1)
+    low, high = table.amin(dim=1), table.amax(dim=1)  # faster than aminmax along a dim
+    signed = bool(low.min() < 0)
+    peaks = torch.maximum(high, -low) if signed else high
+    cut = peaks.topk(j).values[-1]
+    hits = table[peaks >= cut].reshape(-1)
+    mags = hits.abs() if signed else hits
+    keep = mags >= cut
+    return signed, hits[keep], mags[keep]
+
+
+def percentile_threshold(mag: torch.Tensor) -> float:
+    """The ``ACT_PERCENTILE`` percentile of a flat non-negative tensor, as ``quant_error``'s
+    ``act_threshold`` (the k-th smallest value, read as the j-th largest)."""
+    n = mag.numel()
+    k = max(1, min(n, int(round(ACT_PERCENTILE / 100 * n))))
+    j = n - k + 1
+    return float(_top(mag, j)[2].topk(j).values[-1])
+
+
+def _range(bits: int, signed: bool, threshold: float, power_of_two: bool) -> tuple[int, int, float]:
+    """(lowest level, highest level, scale) of the per-tensor quantizer (``quantize_act``)."""
+    thr = max(threshold, _MIN_SCALE)
+    if signed:
+        half = 2 ** (bits - 1)
+        lo, hi, levels, float_div = -half, half - 1, half, half
+    else:
+        lo, hi, levels, float_div = 0, 2**bits - 1, 2**bits, 2**bits - 1
+    if power_of_two:
+        po2 = float(torch.exp2(torch.ceil(torch.log2(torch.tensor(thr, dtype=torch.float64)))))
+        return lo, hi, po2 / levels
+    return lo, hi, thr / float_div
+
+
+def _sq_error(x: torch.Tensor, lo: int, hi: int, scale: float, buf: torch.Tensor) -> float:
+    """``sum (Q(x) - x)^2``, computed in place in ``buf``."""
+    if not x.numel():
+        return 0.0
+    q = buf[: x.numel()]
+    torch.div(x, scale, out=q)
+    q.round_().clamp_(lo, hi).mul_(scale).sub_(x)
+    return float(torch.dot(q, q))
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_indices(n: int, count: int) -> torch.Tensor:
+    """``count`` indices spread evenly over ``range(n)`` without a period (golden-ratio
+    sequence), so the sample cannot alias with the tensor's channel or row layout; sorted, so
+    that gathering them reads memory in order."""
+    phase = torch.arange(count, dtype=torch.float64) * 0.6180339887498949 % 1.0
+    return (phase * n).long().clamp_(max=n - 1).sort().values
+
+
+def input_errors(
+    x: torch.Tensor, bits: Iterable[int], power_of_two: bool, sample: int = SAMPLE
+) -> dict[int, float]:
+    """Relative error ``||Q_b(x) - x||^2 / ||x||^2`` of the layer input ``x`` at each width
+    (see the module doc: exact top values, sampled rest). Signed if ``x`` has negative values."""
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    flat = flat.contiguous()
+    widths = list(bits)
+    if any(b < 2 for b in widths):
+        raise ValueError(f"bits must be at least 2, got {min(widths)}")
+    energy = float(torch.dot(flat, flat))
+    if not math.isfinite(energy):
+        raise ValueError("the tensor has NaN/Inf values")
+    n = flat.numel()
+    k = max(1, min(n, int(round(ACT_PERCENTILE / 100 * n))))
+    signed, top, top_mag = _top(flat, n - k + 1)
+    thr = float(top_mag.topk(n - k + 1).values[-1])
+    if energy == 0.0:
+        return dict.fromkeys(widths, 0.0)
+    if n <= sample or top.numel() == n:
+        parts = [(flat, 1.0)]
+    else:  # the top values exactly (signs kept), the rest through a spread sample
+        cut = float(top_mag.min())
+        drawn = flat[_spread_indices(n, sample)]
+        inside = (drawn.abs() if signed else drawn) < cut
+        rest = drawn * inside  # the top values, scored exactly above, score 0 here
+        kept = int(inside.sum())
+        parts = [(top, 1.0), (rest, (n - top.numel()) / max(kept, 1))]
+    buf = torch.empty(max(p.numel() for p, _ in parts))
+    out: dict[int, float] = {}
+    for b in widths:
+        lo, hi, scale = _range(b, signed, thr, power_of_two)
+        out[b] = sum(w * _sq_error(p, lo, hi, scale, buf) for p, w in parts) / energy
+    return out
+
+
 @contextmanager
 def record(
     model: nn.Module,
@@ -32,16 +158,33 @@ def record(
     power_of_two: bool,
 ) -> Iterator[ActErrorStats]:
     """While active, every forward of ``model`` measures the inputs of the layers in ``widths``
-    (layer name -> activation widths to score). The first call of each layer counts."""
+    (layer name -> activation widths to score). The first call of each layer counts; a tensor
+    already scored for another layer (same storage, shape and widths) is not scored again."""
     stats = ActErrorStats()
     modules = dict(model.named_modules())
+    # (address, shape, strides, version, widths) -> (the tensor, its errors); a hit needs the
+    # tensor alive (its memory cannot hold another tensor) and unmodified (same version)
+    seen: dict[tuple[object, ...], tuple[weakref.ref, dict[int, float]]] = {}
 
     def hook(name: str) -> object:
         def run(_module: nn.Module, args: tuple[object, ...]) -> None:
-            if name in stats.errors or not args:
+            if name in stats.errors or not args or not isinstance(args[0], torch.Tensor):
                 return
             start = time.perf_counter()
-            stats.errors[name] = act_errors(args[0], widths[name], power_of_two)  # type: ignore[arg-type]
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, tuple(widths[name]))
+            hit = seen.get(key)
+            if hit is None or hit[0]() is None:
+                try:
+                    errors = input_errors(x, widths[name], power_of_two)
+                except ValueError as exc:
+                    raise OmpqError(
+                        f"the input of layer {name}: {exc}; check the weights "
+                        "and the input normalisation"
+                    ) from None
+                hit = (weakref.ref(x), errors)
+                seen[key] = hit
+            stats.errors[name] = dict(hit[1])
             stats.seconds += time.perf_counter() - start
 
         return run

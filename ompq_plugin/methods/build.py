@@ -22,7 +22,7 @@ from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers
 from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, hawq
-from ompq_plugin.methods.folding import folded_copy
+from ompq_plugin.methods.folding import folded_copy, folded_weights
 from ompq_plugin.methods.objectives import (
     group_noise_values,
     hawq_values,
@@ -30,7 +30,7 @@ from ompq_plugin.methods.objectives import (
     random_values,
     uniform_order,
 )
-from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_error, weight_sq_error
+from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_errors, weight_sq_error
 
 Pin = tuple[int | None, int | None]
 
@@ -90,11 +90,10 @@ def build_problem(
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     rule = QuantRule(hw.power_of_two_scales, hw.per_channel_weights)
     start = time.perf_counter()
-    folded = folded_copy(model)
-    weights = _weights(folded, names)
     if method == "ompq-noise":
+        weights = folded_weights(model, names, found.graph_module if found.traced else None)
         errors = [
-            {b: weight_error(w, b, rule) for b in lay.weight_choices}
+            weight_errors(w, lay.weight_choices, rule)
             for w, lay in zip(weights, layers, strict=True)
         ]
         timings["weight_error_s"] = time.perf_counter() - start
@@ -105,6 +104,8 @@ def build_problem(
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     if method == "hawq":
         assert labelled is not None
+        folded = folded_copy(model)
+        weights = _weights(folded, names)
         images, labels = labelled
         tr = hawq.layer_traces(folded, names, images, labels, seed=0 if seed is None else seed)
         timings["hessian_s"] = tr.seconds

@@ -1,0 +1,122 @@
+"""The search's activation statistics and folded weights: the fast paths against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ompq_plugin.methods import act_stats
+from ompq_plugin.methods.act_stats import SAMPLE, input_errors, percentile_threshold
+from ompq_plugin.methods.folding import folded_copy, folded_weights
+from ompq_plugin.methods.quant_error import act_errors, act_threshold
+
+WIDTHS = range(2, 9)
+
+
+def _inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    return {"relu": torch.relu(x), "signed": x, "heavy": torch.relu(x) ** 3}
+
+
+@pytest.mark.parametrize("po2", [False, True])
+def test_small_tensors_are_scored_exactly(po2: bool) -> None:
+    for x in _inputs(SAMPLE // 2, 0).values():
+        got, ref = input_errors(x, WIDTHS, po2), act_errors(x, WIDTHS, po2)
+        for b in WIDTHS:
+            assert got[b] == pytest.approx(ref[b], rel=1e-4)
+
+
+@pytest.mark.parametrize("po2", [False, True])
+def test_large_tensors_are_estimated_within_three_percent(po2: bool) -> None:
+    for name, x in _inputs(64 * 16 * 32 * 32, 1).items():
+        x = x.reshape(64, 16, 32, 32)
+        got, ref = input_errors(x, WIDTHS, po2), act_errors(x, WIDTHS, po2)
+        assert got == input_errors(x, WIDTHS, po2)  # deterministic
+        for b in WIDTHS:
+            assert got[b] == pytest.approx(ref[b], rel=0.03), (name, b)
+
+
+def test_threshold_search_matches_a_full_selection() -> None:
+    for x in _inputs(1 << 20, 2).values():
+        mag = x.abs()
+        assert percentile_threshold(mag) == act_threshold(mag, signed=True)
+
+
+def test_non_finite_input_is_an_error() -> None:
+    x = torch.ones(10)
+    x[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        input_errors(x, WIDTHS, False)
+
+
+def test_a_tensor_read_by_two_layers_is_scored_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    class TwoReaders(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            x.mul_(2)  # the second reader sees a modified tensor: it must be scored again
+            return y + self.b(x) + self.a.weight.sum() * 0
+
+    calls = []
+    real = act_stats.input_errors
+    monkeypatch.setattr(act_stats, "input_errors", lambda *a: calls.append(1) or real(*a))
+    model = TwoReaders()
+    with act_stats.record(model, {"a": [4, 8], "b": [4, 8]}, False) as stats, torch.no_grad():
+        model(torch.rand(2, 3, 4, 4))
+    assert len(calls) == 2 and set(stats.errors) == {"a", "b"}
+    calls.clear()
+
+    class Shared(TwoReaders):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    model = Shared()
+    with act_stats.record(model, {"a": [4, 8], "b": [4, 8]}, False) as stats, torch.no_grad():
+        model(torch.rand(2, 3, 4, 4))
+    assert len(calls) == 1 and stats.errors["a"] == stats.errors["b"]
+
+
+def test_folded_weights_equal_those_of_the_folded_copy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+        nn.BatchNorm1d(5),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+    model.eval()
+    names = ["0", "3", "5"]
+    folded = dict(folded_copy(model).named_modules())
+    got = folded_weights(model, names)
+    for name, w in zip(names, got, strict=True):
+        torch.testing.assert_close(w, folded[name].weight.detach(), rtol=0, atol=0)
+    assert torch.equal(got[1], model[3].weight)  # no BatchNorm after it: unchanged
+    assert not torch.equal(got[0], model[0].weight)
+
+
+@pytest.mark.parametrize("po2", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_errors_at_every_width_equal_the_one_width_reference(
+    po2: bool, per_channel: bool
+) -> None:
+    from ompq_plugin.methods.quant_error import QuantRule, weight_error, weight_errors
+
+    rule = QuantRule(po2, per_channel)
+    for w in (torch.randn(8, 4, 3, 3), torch.randn(5, 7), torch.zeros(3, 2)):
+        got = weight_errors(w, WIDTHS, rule)
+        for b in WIDTHS:
+            assert got[b] == pytest.approx(weight_error(w, b, rule), rel=1e-12, abs=0)

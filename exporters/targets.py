@@ -21,6 +21,7 @@ documented flow takes the file as it is (no rewrite by the user, none hidden in 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -147,6 +148,27 @@ def hls4ml_config(model: onnx.ModelProto) -> dict[str, dict[str, dict[str, objec
     return {model.graph.input[0].name: {"Precision": {"result": prec}}}
 
 
+def set_act_rounding(model: onnx.ModelProto, mode: str) -> int:
+    """Set ``rounding_mode`` of every activation ``Quant`` (one whose input is not a constant) to
+    ``mode``; in place. Brevitas' QONNX export writes ``ROUND`` for every quantizer (its export op
+    knows only its own rounding enum), so a model whose activation quantizers round half up
+    (:func:`ompq_plugin.rounding.rounds_half_up`) needs this before its graph computes what the
+    model computes. Returns how many nodes changed."""
+    g = V.Graph(model)
+    changed = 0
+    for node in g.graph.node:
+        if node.op_type != "Quant" or g.const(node.input[0]) is not None:
+            continue
+        attrs = [a for a in node.attribute if a.name == "rounding_mode"]
+        if attrs and attrs[0].s.decode() == mode:
+            continue
+        for a in attrs:
+            node.attribute.remove(a)
+        node.attribute.append(helper.make_attribute("rounding_mode", mode))
+        changed += 1
+    return changed
+
+
 def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]:
     """Apply what ``target`` needs to the (cleaned, annotated) graph; in place. Returns a summary
     for the graph metadata."""
@@ -155,3 +177,70 @@ def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]
     if target == "hls4ml":
         done["global_pools_as_depthwise_conv"] = global_pools_as_depthwise(model)
     return done
+
+
+@dataclass(frozen=True)
+class TieCount:
+    """Activation values that land exactly on a rounding tie of their ``Quant`` (x / s = k + 1/2
+    inside the clipping range), where FINN's thresholds (ties up) and the node's rounding mode
+    may disagree: a ``HALF_UP`` Quant agrees with FINN on ``positive`` ties, never on
+    ``negative`` ones; a ``ROUND`` (half to even) Quant on half of each."""
+
+    values: int  # activation values quantized, all images
+    positive: int
+    negative: int
+    per_quant: dict[str, tuple[int, int]]  # Quant node -> (positive, negative) ties
+    modes: dict[str, str]  # Quant node -> rounding_mode
+
+    @property
+    def ties(self) -> int:
+        return self.positive + self.negative
+
+    def disagreeing(self) -> int:
+        """Ties on which the node's rounding differs from FINN's floor(x / s + 1/2)."""
+        return sum(
+            neg if self.modes[q] == "HALF_UP" else pos + neg
+            for q, (pos, neg) in self.per_quant.items()
+        )
+
+
+def count_ties(model: onnx.ModelProto, images: np.ndarray) -> TieCount:
+    """Count rounding ties of every activation Quant of ``model`` on ``images`` (N x C x H x W,
+    run one at a time through :class:`verify.GraphSession`). For ``ROUND`` quantizers every tie
+    is counted, also those where half-even rounding happens to agree with FINN."""
+    g = V.Graph(model)
+    quants = [n for n in g.graph.node if n.op_type == "Quant" and g.const(n.input[0]) is None]
+    modes = {
+        q.name: next((a.s.decode() for a in q.attribute if a.name == "rounding_mode"), "ROUND")
+        for q in quants
+    }
+    session = V.GraphSession(model)
+    iname = model.graph.input[0].name
+    counts = {q.name: [0, 0] for q in quants}
+    values = 0
+    for i in range(len(images)):
+        ctx = session.run({iname: images[i : i + 1]})
+        for q in quants:
+            x = np.asarray(ctx[q.input[0]], np.float64)
+            s = np.asarray(g.const(q.input[1]), np.float64)
+            info = V.quant_info(g, q)
+            lo, hi = _int_range(info.bits, info.signed, _narrow(q))
+            y = x / s
+            tie = (y - np.floor(y) == 0.5) & (y > lo) & (y < hi)
+            counts[q.name][0] += int((tie & (y > 0)).sum())
+            counts[q.name][1] += int((tie & (y < 0)).sum())
+            values += x.size
+    per = {k: (v[0], v[1]) for k, v in counts.items()}
+    return TieCount(
+        values, sum(v[0] for v in per.values()), sum(v[1] for v in per.values()), per, modes
+    )
+
+
+def _narrow(node: onnx.NodeProto) -> bool:
+    return any(a.name == "narrow" and a.i for a in node.attribute)
+
+
+def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1 - int(narrow)

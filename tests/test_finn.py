@@ -11,12 +11,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from ompq_plugin.exporters import export_qonnx
+from ompq_plugin.exporters import export_qcdq, export_qonnx
 from ompq_plugin.exporters import targets as T
 from ompq_plugin.exporters import verify as V
 from test_export import real_images
 from torch import nn
 
+from ompq_plugin.errors import OmpqError
 from ompq_plugin.rounding import TIE_OFFSET, RoundHalfUpSte, offset_is_tie_free
 
 
@@ -93,7 +94,7 @@ class TinyResNet(nn.Module):
         return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _exported(profile_name, data_dir, tmp_path):
+def _quantized(profile_name, data_dir):
     from ompq_plugin.hw_profiles.loader import load_profile
 
     from ompq_plugin import quantizer as Q
@@ -111,12 +112,17 @@ def _exported(profile_name, data_dir, tmp_path):
     ]
     q = Q.quantize(net, bc, load_profile(profile_name))
     calibrate(q, real_images(data_dir, 16, "data_batch_1"))
+    return q, bc, x
+
+
+def _exported(profile_name, data_dir, tmp_path):
+    q, bc, x = _quantized(profile_name, data_dir)
     rep = export_qonnx(q, tmp_path / f"{profile_name}.onnx", x[:2], bc, target="finn")
-    return onnx.load(str(rep.path)), x.numpy(), rep
+    return onnx.load(str(rep.path)), x.numpy(), rep, q
 
 
 def test_finn_profile_export_has_no_tie_finn_rounds_differently(data_dir, tmp_path):
-    model, x, rep = _exported("finn", data_dir, tmp_path)
+    model, x, rep, q = _exported("finn", data_dir, tmp_path)
     assert rep.exact and rep.max_abs_diff == 0  # torch == graph, bit for bit
     g = V.Graph(model)
     acts = [n for n in g.graph.node if n.op_type == "Quant" and g.const(n.input[0]) is None]
@@ -134,10 +140,12 @@ def test_finn_profile_export_has_no_tie_finn_rounds_differently(data_dir, tmp_pa
     ties = T.count_ties(model, x)
     assert ties.values > 0 and ties.positive > 0  # ties happen; HALF_UP rounds them as FINN
     assert ties.negative == 0 and ties.disagreeing() == 0
+    with pytest.raises(OmpqError, match="half-up"):  # QuantizeLinear rounds half to even
+        export_qcdq(q, tmp_path / "finn_qdq.onnx", x[:2])
 
 
 def test_half_even_profile_export_has_ties_finn_rounds_differently(data_dir, tmp_path):
     """The same network under a half-even profile: the counter finds the disagreements."""
-    model, x, _ = _exported("hls4ml", data_dir, tmp_path)
+    model, x, _, _ = _exported("hls4ml", data_dir, tmp_path)
     ties = T.count_ties(model, x)
     assert ties.negative > 0 and ties.disagreeing() > 0

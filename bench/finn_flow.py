@@ -72,6 +72,51 @@ def finn_steps() -> tuple[Any, Any, Any]:
     return steps, resnet, cfg
 
 
+class ChangeLog:
+    """Which transformations inside qonnx ComposedTransformations (finn-plus' StreamlinePlus is
+    one) report a change, to tell a slow fixed-point iteration from a cycle. Each inner
+    transformation's ``apply`` is wrapped; what it computes is not touched."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.recent: list[str] = []
+
+    def install(self) -> None:
+        from qonnx.transformation.composed import ComposedTransformation
+
+        log, init = self, ComposedTransformation.__init__
+
+        def patched(composed: Any, transformations: list[Any]) -> None:
+            init(composed, transformations)
+            for t in transformations:
+                if not isinstance(t, ComposedTransformation):
+                    log.wrap(t)
+
+        ComposedTransformation.__init__ = patched
+
+    def wrap(self, t: Any) -> None:
+        apply = t.apply
+
+        def logged(model: Any) -> Any:
+            model, changed = apply(model)
+            if changed:
+                name = type(t).__name__
+                self.counts[name] += 1
+                self.recent = [*self.recent[-39:], f"{name} ({len(model.graph.node)} nodes)"]
+            return model, changed
+
+        t.apply = logged
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "changes_per_transformation": dict(self.counts.most_common()),
+            "last_40_changes": self.recent,
+        }
+
+
+CHANGES = ChangeLog()
+
+
 def ops(model: Any) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
@@ -132,6 +177,8 @@ def flow(
     save: Any,
 ) -> Any:
     out: dict[str, Any] = {"steps": [s.__name__ for s in steps], "seconds": {}}
+    CHANGES.counts.clear()
+    CHANGES.recent = []
     save(name, out)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(limit)
@@ -159,6 +206,7 @@ def flow(
         )
     finally:
         signal.alarm(0)
+    out["composed_transformation_changes"] = CHANGES.to_json()
     save(name, out)
     return model
 
@@ -220,6 +268,7 @@ def main() -> None:
         },
     )
     steps, resnet, cfg = finn_steps()
+    CHANGES.install()
     t0 = time.perf_counter()
     converted = steps.step_qonnx_to_finn(ModelWrapper(args.onnx), cfg)
     t1 = time.perf_counter()

@@ -11,6 +11,9 @@ documented flow takes the file as it is (no rewrite by the user, none hidden in 
   with ``Illegal instruction``); a Conv goes channels-last and hls4ml sizes its accumulator
   exactly. The values are identical (the mean of 2^k values on a power-of-two grid is exact in
   float32), so the export's bit-exact verification still holds;
+* ``finn``: a shared activation ``Quant`` (and its ``Relu``) is copied for each reader
+  (:func:`split_shared_act_quants`), so FINN's default streamlining leaves every conv with an
+  integer input;
 * ``hls4ml``: :func:`hls4ml_config` is the part of hls4ml's config that its defaults get wrong:
   the network input. hls4ml converts the float input to ``fixed<16,6>`` by truncation before the
   first ``Quant``, which moves values onto rounding ties; ``fixed<b+24, i, TRN, SAT>`` keeps every
@@ -169,6 +172,54 @@ def set_act_rounding(model: onnx.ModelProto, mode: str) -> int:
     return changed
 
 
+def split_shared_act_quants(model: onnx.ModelProto) -> list[str]:
+    """Give every reader of a shared activation ``Quant`` (a ResNet trunk: the next block's conv
+    and the residual branch) its own copy of that Quant, and of the ``Relu`` in front of it when
+    the Relu feeds only that Quant; in place. The copies compute the same values.
+
+    Why: FINN turns each Quant into MultiThreshold -> Mul(scale); a shared Quant leaves one scale
+    Mul feeding two nodes, which FINN's default ``Streamline`` cannot move past a fork
+    (``MoveScalarLinearPastInvariants``: "is a fork-node, try MoveLinearPastFork first"), so the
+    conv behind it keeps a float input and does not become an MVAU. With a copy per reader the
+    fork sits before the thresholds, and each scale Mul moves into the conv's next threshold.
+    FINN's Relu handler removes the Relu in front of the Quant it converts without looking at
+    other readers, so the Relu is copied too. Returns the names of the copies."""
+    g = V.Graph(model)
+    graph = model.graph
+    added: list[str] = []
+    for quant in [n for n in graph.node if n.op_type == "Quant"]:
+        if g.const(quant.input[0]) is not None:
+            continue
+        readers = g.consumers.get(quant.output[0], [])
+        if len(readers) < 2:
+            continue
+        relu = g.producer.get(quant.input[0])
+        if relu is not None and (relu.op_type != "Relu" or len(g.consumers[relu.output[0]]) != 1):
+            relu = None
+        anchor = relu or quant
+        for k, reader in enumerate(readers[1:], start=1):
+            copy_q = onnx.NodeProto()
+            copy_q.CopyFrom(quant)
+            copy_q.name = f"{quant.name}_copy{k}"
+            copy_q.output[0] = f"{quant.output[0]}_copy{k}"
+            new_nodes = [copy_q]
+            if relu is not None:
+                copy_r = onnx.NodeProto()
+                copy_r.CopyFrom(relu)
+                copy_r.name = f"{relu.name}_copy{k}"
+                copy_r.output[0] = f"{relu.output[0]}_copy{k}"
+                copy_q.input[0] = copy_r.output[0]
+                new_nodes.insert(0, copy_r)
+            for i, name in enumerate(reader.input):
+                if name == quant.output[0]:
+                    reader.input[i] = copy_q.output[0]
+            index = list(graph.node).index(anchor)
+            for node in reversed(new_nodes):
+                graph.node.insert(index, node)
+            added += [n.name for n in new_nodes]
+    return added
+
+
 def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]:
     """Apply what ``target`` needs to the (cleaned, annotated) graph; in place. Returns a summary
     for the graph metadata."""
@@ -176,6 +227,8 @@ def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]
     done["bias_params_vectorised"] = vector_bias_params(model)
     if target == "hls4ml":
         done["global_pools_as_depthwise_conv"] = global_pools_as_depthwise(model)
+    if target == "finn":
+        done["shared_act_quants_split"] = split_shared_act_quants(model)
     return done
 
 

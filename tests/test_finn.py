@@ -128,6 +128,11 @@ def test_finn_profile_export_has_no_tie_finn_rounds_differently(data_dir, tmp_pa
     acts = [n for n in g.graph.node if n.op_type == "Quant" and g.const(n.input[0]) is None]
     modes = {a.s.decode() for n in acts for a in n.attribute if a.name == "rounding_mode"}
     assert modes == {"HALF_UP"}
+    # one reader per activation Quant (the trunk Quant and its Relu are copied per reader), so
+    # no scale Mul of FINN's sits on a fork; the block input has two readers: conv2 and the add
+    assert all(len(g.consumers.get(n.output[0], [])) == 1 for n in acts)
+    relus = [n for n in g.graph.node if n.op_type == "Relu"]
+    assert len(relus) == 4 and all(len(g.consumers[r.output[0]]) == 1 for r in relus)
     # the block's second conv feeds the signed residual-add quantizer through the offset Add
     offsets = [
         n

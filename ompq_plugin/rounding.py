@@ -19,8 +19,11 @@ coarser one), so the two disagree unless:
   and for ``m <= -2`` a multiple of ``a / 2^(|m|+1)`` that is odd in those units, never
   ``(n + 1/4) a``. Only ``m = -1`` (a quantizer grid half the accumulator's, finer than the
   values it quantizes) can meet it (:func:`offset_is_tie_free`). The offset is 1/4 of an
-  accumulator LSB: far below one activation LSB; the bias absorbs nothing (it stays an
-  integer multiple of ``a``, which FINN's ``FoldQuantWeights`` needs).
+  accumulator LSB: far below one activation LSB. It is a separate constant ``Add`` in the
+  graph, not part of the bias (a bias ``Quant`` with a non-zero zero point stops FINN's
+  ``FoldQuantWeights``); FINN's streamlining absorbs it into the next thresholds. The export
+  does not check the ``m = -1`` case; :func:`ompq_plugin.exporters.targets.count_ties` shows
+  it on real images.
 
 The input quantizer reads float images: a tie there needs an exactly representable half-LSB
 value, which :func:`ompq_plugin.exporters.targets.count_ties` counts on real images.

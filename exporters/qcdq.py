@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.rounding import rounds_half_up
 
 from .qonnx import (
     DEFAULT_TOL,
@@ -62,6 +63,11 @@ def export_qcdq(
             raise OmpqError(
                 f"layer {name} has {e.weight_bits}-bit weights / {e.act_bits}-bit activations; "
                 f"QCDQ carries at most {MAX_QCDQ_BITS} bits: use --format qonnx for this model"
+            )
+        if rounds_half_up(qmodel):
+            raise OmpqError(
+                "this model's activation quantizers round ties up (profile act_rounding = "
+                "half-up, FINN); QCDQ's QuantizeLinear rounds half to even: use --format qonnx"
             )
         with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
             from brevitas.export import export_onnx_qcdq

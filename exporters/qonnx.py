@@ -32,6 +32,7 @@ import onnx
 
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import atomic_path, write_error, write_text_atomic
+from ompq_plugin.rounding import HALF_UP, rounds_half_up
 
 from . import targets as T
 from . import verify as V
@@ -548,6 +549,9 @@ def export_qonnx(
                             f"{', '.join(T.TARGETS)}")
         model = qonnx_cleanup(raw)
         prepared = T.prepare_for_target(model, target)
+        if rounds_half_up(qmodel):
+            prepared["act_rounding"] = HALF_UP
+            prepared["act_quants_half_up"] = T.set_act_rounding(model, HALF_UP)
         model = qonnx_cleanup(model)  # shapes and names for what the target step added
         t_clean = time.perf_counter()
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)

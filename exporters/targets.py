@@ -11,6 +11,9 @@ documented flow takes the file as it is (no rewrite by the user, none hidden in 
   with ``Illegal instruction``); a Conv goes channels-last and hls4ml sizes its accumulator
   exactly. The values are identical (the mean of 2^k values on a power-of-two grid is exact in
   float32), so the export's bit-exact verification still holds;
+* ``finn``: a shared activation ``Quant`` (and its ``Relu``) is copied for each reader
+  (:func:`split_shared_act_quants`), so FINN's default streamlining leaves every conv with an
+  integer input;
 * ``hls4ml``: :func:`hls4ml_config` is the part of hls4ml's config that its defaults get wrong:
   the network input. hls4ml converts the float input to ``fixed<16,6>`` by truncation before the
   first ``Quant``, which moves values onto rounding ties; ``fixed<b+24, i, TRN, SAT>`` keeps every
@@ -21,6 +24,7 @@ documented flow takes the file as it is (no rewrite by the user, none hidden in 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -147,6 +151,75 @@ def hls4ml_config(model: onnx.ModelProto) -> dict[str, dict[str, dict[str, objec
     return {model.graph.input[0].name: {"Precision": {"result": prec}}}
 
 
+def set_act_rounding(model: onnx.ModelProto, mode: str) -> int:
+    """Set ``rounding_mode`` of every activation ``Quant`` (one whose input is not a constant) to
+    ``mode``; in place. Brevitas' QONNX export writes ``ROUND`` for every quantizer (its export op
+    knows only its own rounding enum), so a model whose activation quantizers round half up
+    (:func:`ompq_plugin.rounding.rounds_half_up`) needs this before its graph computes what the
+    model computes. Returns how many nodes changed."""
+    g = V.Graph(model)
+    changed = 0
+    for node in g.graph.node:
+        if node.op_type != "Quant" or g.const(node.input[0]) is not None:
+            continue
+        attrs = [a for a in node.attribute if a.name == "rounding_mode"]
+        if attrs and attrs[0].s.decode() == mode:
+            continue
+        for a in attrs:
+            node.attribute.remove(a)
+        node.attribute.append(helper.make_attribute("rounding_mode", mode))
+        changed += 1
+    return changed
+
+
+def split_shared_act_quants(model: onnx.ModelProto) -> list[str]:
+    """Give every reader of a shared activation ``Quant`` (a ResNet trunk: the next block's conv
+    and the residual branch) its own copy of that Quant, and of the ``Relu`` in front of it when
+    the Relu feeds only that Quant; in place. The copies compute the same values.
+
+    Why: FINN turns each Quant into MultiThreshold -> Mul(scale); a shared Quant leaves one scale
+    Mul feeding two nodes, which FINN's default ``Streamline`` cannot move past a fork
+    (``MoveScalarLinearPastInvariants``: "is a fork-node, try MoveLinearPastFork first"), so the
+    conv behind it keeps a float input and does not become an MVAU. With a copy per reader the
+    fork sits before the thresholds, and each scale Mul moves into the conv's next threshold.
+    FINN's Relu handler removes the Relu in front of the Quant it converts without looking at
+    other readers, so the Relu is copied too. Returns the names of the copies."""
+    g = V.Graph(model)
+    graph = model.graph
+    added: list[str] = []
+    for quant in [n for n in graph.node if n.op_type == "Quant"]:
+        if g.const(quant.input[0]) is not None:
+            continue
+        readers = g.consumers.get(quant.output[0], [])
+        if len(readers) < 2:
+            continue
+        relu = g.producer.get(quant.input[0])
+        if relu is not None and (relu.op_type != "Relu" or len(g.consumers[relu.output[0]]) != 1):
+            relu = None
+        anchor = relu or quant
+        for k, reader in enumerate(readers[1:], start=1):
+            copy_q = onnx.NodeProto()
+            copy_q.CopyFrom(quant)
+            copy_q.name = f"{quant.name}_copy{k}"
+            copy_q.output[0] = f"{quant.output[0]}_copy{k}"
+            new_nodes = [copy_q]
+            if relu is not None:
+                copy_r = onnx.NodeProto()
+                copy_r.CopyFrom(relu)
+                copy_r.name = f"{relu.name}_copy{k}"
+                copy_r.output[0] = f"{relu.output[0]}_copy{k}"
+                copy_q.input[0] = copy_r.output[0]
+                new_nodes.insert(0, copy_r)
+            for i, name in enumerate(reader.input):
+                if name == quant.output[0]:
+                    reader.input[i] = copy_q.output[0]
+            index = list(graph.node).index(anchor)
+            for node in reversed(new_nodes):
+                graph.node.insert(index, node)
+            added += [n.name for n in new_nodes]
+    return added
+
+
 def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]:
     """Apply what ``target`` needs to the (cleaned, annotated) graph; in place. Returns a summary
     for the graph metadata."""
@@ -154,4 +227,73 @@ def prepare_for_target(model: onnx.ModelProto, target: str) -> dict[str, object]
     done["bias_params_vectorised"] = vector_bias_params(model)
     if target == "hls4ml":
         done["global_pools_as_depthwise_conv"] = global_pools_as_depthwise(model)
+    if target == "finn":
+        done["shared_act_quants_split"] = split_shared_act_quants(model)
     return done
+
+
+@dataclass(frozen=True)
+class TieCount:
+    """Activation values that land exactly on a rounding tie of their ``Quant`` (x / s = k + 1/2
+    inside the clipping range), where FINN's thresholds (ties up) and the node's rounding mode
+    may disagree: a ``HALF_UP`` Quant agrees with FINN on ``positive`` ties, never on
+    ``negative`` ones; a ``ROUND`` (half to even) Quant on half of each."""
+
+    values: int  # activation values quantized, all images
+    positive: int
+    negative: int
+    per_quant: dict[str, tuple[int, int]]  # Quant node -> (positive, negative) ties
+    modes: dict[str, str]  # Quant node -> rounding_mode
+
+    @property
+    def ties(self) -> int:
+        return self.positive + self.negative
+
+    def disagreeing(self) -> int:
+        """Ties on which the node's rounding differs from FINN's floor(x / s + 1/2)."""
+        return sum(
+            neg if self.modes[q] == "HALF_UP" else pos + neg
+            for q, (pos, neg) in self.per_quant.items()
+        )
+
+
+def count_ties(model: onnx.ModelProto, images: np.ndarray) -> TieCount:
+    """Count rounding ties of every activation Quant of ``model`` on ``images`` (N x C x H x W,
+    run one at a time through :class:`verify.GraphSession`). For ``ROUND`` quantizers every tie
+    is counted, also those where half-even rounding happens to agree with FINN."""
+    g = V.Graph(model)
+    quants = [n for n in g.graph.node if n.op_type == "Quant" and g.const(n.input[0]) is None]
+    modes = {
+        q.name: next((a.s.decode() for a in q.attribute if a.name == "rounding_mode"), "ROUND")
+        for q in quants
+    }
+    session = V.GraphSession(model)
+    iname = model.graph.input[0].name
+    counts = {q.name: [0, 0] for q in quants}
+    values = 0
+    for i in range(len(images)):
+        ctx = session.run({iname: images[i : i + 1]})
+        for q in quants:
+            x = np.asarray(ctx[q.input[0]], np.float64)
+            s = np.asarray(g.const(q.input[1]), np.float64)
+            info = V.quant_info(g, q)
+            lo, hi = _int_range(info.bits, info.signed, _narrow(q))
+            y = x / s
+            tie = (y - np.floor(y) == 0.5) & (y > lo) & (y < hi)
+            counts[q.name][0] += int((tie & (y > 0)).sum())
+            counts[q.name][1] += int((tie & (y < 0)).sum())
+            values += x.size
+    per = {k: (v[0], v[1]) for k, v in counts.items()}
+    return TieCount(
+        values, sum(v[0] for v in per.values()), sum(v[1] for v in per.values()), per, modes
+    )
+
+
+def _narrow(node: onnx.NodeProto) -> bool:
+    return any(a.name == "narrow" and a.i for a in node.attribute)
+
+
+def _int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1 - int(narrow)

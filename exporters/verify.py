@@ -777,6 +777,10 @@ class _Lowering:
         return out
 
     def rounding(self, mode: str, x: str, base: str) -> str:
+        if str(mode).upper() == "HALF_UP":  # qonnx: sign(x) * floor(|x| + 0.5)
+            half = self.op("Add", [self.op("Abs", [x], base), self.const("half", 0.5)], base)
+            return self.op("Mul", [self.op("Sign", [x], base), self.op("Floor", [half], base)],
+                           base)
         op = _ROUNDING_OPS.get(str(mode).upper())
         if op is None:
             raise NotLowerable(f"rounding mode {mode}")

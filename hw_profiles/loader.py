@@ -27,11 +27,13 @@ TOP_KEYS = {
     "sources": "required",
     "power_of_two_scales": "optional",
     "per_channel_weights": "optional",
+    "act_rounding": "optional",
     "bits": "required",
     "excluded_pairs": "optional",
     "pinned": "optional",
     "budgets": "optional",
 }
+ACT_ROUNDINGS = ("half-even", "half-up")
 BITS_KEYS = ("weight", "activation")
 PINNED_KEYS = ("weight", "activation")
 BUDGET_KEYS = ("weight_memory_kib", "bops_g", "act_buffer_kib")
@@ -82,6 +84,13 @@ def _bool(ctx: _Ctx, value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise ctx.fail(field, value, "must be true or false", "write true or false (no quotes)")
     return value
+
+
+def _act_rounding(ctx: _Ctx, value: Any) -> str:
+    if value not in ACT_ROUNDINGS:
+        raise ctx.fail("act_rounding", value, f"must be one of {', '.join(ACT_ROUNDINGS)}",
+                       'write "half-even" (Brevitas, QONNX ROUND) or "half-up" (FINN)')
+    return str(value)
 
 
 def _bit(ctx: _Ctx, value: Any, field: str) -> int:
@@ -296,6 +305,7 @@ def parse_profile(data: dict[str, Any], path: Path) -> HardwareProfile:
         per_channel_weights=_bool(
             ctx, data.get("per_channel_weights", True), "per_channel_weights"
         ),
+        act_rounding=_act_rounding(ctx, data.get("act_rounding", "half-even")),
         pinned_weight_bits=pinned_w,
         pinned_act_bits=pinned_a,
         budgets=_parse_budgets(ctx, data.get("budgets", {})),
@@ -382,6 +392,7 @@ def describe_profile(p: HardwareProfile) -> list[tuple[str, str]]:
         ("excluded pairs", excluded),
         ("power-of-two scales", "yes" if p.power_of_two_scales else "no"),
         ("per-channel weights", "yes" if p.per_channel_weights else "no"),
+        ("activation rounding", p.act_rounding),
         ("pinned first/last (w/a)", f"{p.pinned_weight_bits}/{p.pinned_act_bits}"),
         ("weight memory budget", _budget_text(p.budgets.weight_memory_bits, KIB_BITS, "KiB")),
         ("BOPs budget", _budget_text(p.budgets.bops, 1e9, "GBOPs")),

@@ -28,6 +28,9 @@ class HardwareProfile:
     kind_bits: dict[str, BitChoices] = field(default_factory=dict)
     power_of_two_scales: bool = False  # scales must be 2^k (hls4ml / FINN style fixed point)
     per_channel_weights: bool = True  # per-output-channel weight scales allowed
+    # how activation quantizers round a tie: "half-even" (Brevitas / QONNX ROUND) or "half-up"
+    # (FINN's thresholds; see ompq_plugin.rounding)
+    act_rounding: str = "half-even"
     pinned_weight_bits: int = 8  # first and last layer, unless the user pins otherwise
     pinned_act_bits: int = 8
     budgets: Budgets = field(default_factory=Budgets)

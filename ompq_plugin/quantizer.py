@@ -22,7 +22,10 @@ The conversion works on the torch.fx graph of *any* traceable model (no per-arch
    dropout / zero-pad.
 
 Scales are powers of two (fixed-point quantizers) when ``profile.power_of_two_scales``, float
-otherwise; weights are per output channel when ``profile.per_channel_weights``. Activation scales
+otherwise; weights are per output channel when ``profile.per_channel_weights``. With
+``profile.act_rounding == "half-up"`` (FINN) activation quantizers round ties up and a layer output
+read by a signed quantizer gets a quarter-LSB offset that keeps it off ties
+(:mod:`ompq_plugin.rounding`). Activation scales
 are initialised from statistics: run :func:`ompq_plugin.ptq.calibrate` before using the model.
 """
 
@@ -48,6 +51,7 @@ from ompq_plugin.graph_ops import (
     replace_adaptive_pools,
 )
 from ompq_plugin.hw_profiles.profile import HardwareProfile
+from ompq_plugin.rounding import TieOffset, half_up
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 FOLDABLE_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -184,6 +188,23 @@ def _act_quantizer(quants: dict[str, type], bits: int, signed: bool) -> nn.Modul
 
     act_quant = quants["act_signed" if signed else "act_unsigned"]
     return QuantIdentity(act_quant=act_quant, bit_width=bits, return_quant_tensor=True)
+
+
+def _tie_offset(gm: fx.GraphModule, node: fx.Node, fixed: set[str]) -> fx.Node:
+    """Insert a :class:`TieOffset` after the output of quantized layer ``node`` (with a bias,
+    not a fixed shortcut conv) and return it; anything else is returned as it is."""
+    layer = _module_of(gm, node)
+    if layer is None or str(node.target) in fixed or getattr(layer, "bias", None) is None:
+        return node
+    if not hasattr(layer, "return_quant_tensor"):
+        return node
+    layer.return_quant_tensor = True  # TieOffset reads the accumulator scale, returns a tensor
+    name = _unique_name(gm, f"{node.target}_tie_offset")
+    gm.add_submodule(name, TieOffset())
+    with gm.graph.inserting_after(node):
+        offset = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(offset, delete_user_cb=lambda user: user is not offset)
+    return offset
 
 
 def _quant_layer(module: nn.Module, bits: int, quants: dict[str, type], fixed: bool) -> nn.Module:
@@ -447,6 +468,9 @@ def quantize(
     Calibrate it (:func:`ompq_plugin.ptq.calibrate`) before inference.
     """
     quants = _quantizers(profile)
+    ties_up = profile.act_rounding == "half-up"  # FINN's thresholds (ompq_plugin.rounding)
+    if ties_up:
+        quants = {**quants, **{k: half_up(quants[k]) for k in ("act_signed", "act_unsigned")}}
     check_supported(model)
     for lb in bits.layers:
         if lb.weight_bits < 2 or lb.act_bits < 2:
@@ -533,6 +557,8 @@ def quantize(
         qname = _unique_name(gm, base)
         gm.add_submodule(qname, _act_quantizer(quants, nbits, signed))
         report.act_quantizers[qname] = nbits
+        if signed and ties_up:
+            src = _tie_offset(gm, src, fixed)
         with graph.inserting_after(src):
             qnode = graph.call_module(qname, (src,))
         src.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
@@ -546,6 +572,9 @@ def quantize(
         gm.add_submodule(qname, _act_quantizer(quants, nbits, signed=True))
         report.act_quantizers[qname] = nbits
         report.shared_add_quantizers.append(qname)
+        if ties_up:
+            for arg in add.args[:2]:
+                _tie_offset(gm, arg, fixed)
         new_args = list(add.args)
         for i in (0, 1):
             with graph.inserting_before(add):

@@ -66,6 +66,21 @@ class Step:
         self.row["cpu_seconds"][self.name] = round(time.process_time() - self.c, 2)
 
 
+def code_version() -> str:
+    """The commit the run measured (``+dirty`` when the worktree had uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     import torchvision
 
@@ -74,7 +89,8 @@ def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     from ompq_plugin.searcher import run_search
 
     size = SIZES.get(name, 64)
-    row: dict = {"model": name, "input_size": size, "samples": args.samples, "calib": args.calib,
+    row: dict = {"model": name, "commit": code_version(), "input_size": size,
+                 "samples": args.samples, "calib": args.calib,
                  "status": "fail", "step": None, "error": None, "seconds": {}, "cpu_seconds": {}}
     step = "build"
     try:
@@ -125,7 +141,8 @@ def save(out: Path, rows: list[dict], new: dict, threads: int) -> list[dict]:
     rows = [r for r in rows if r["model"] != new["model"]] + [new]
     order = {n: i for i, n in enumerate(MODELS + EXTRA)}
     rows.sort(key=lambda r: order.get(r["model"], len(order)))
-    meta = {"command": "nice -n 10 /work/tvenv/bin/python bench/architectures.py",
+    meta = {"command": "OMPQ_DATA_DIR=../shared/data nice -n 5 /work/tvenv/bin/python "
+                       "bench/architectures.py [--models ...] (each row: its own samples/calib)",
             "torch": torch.__version__, "threads": threads,
             "note": "2-core machine shared with other jobs: wall seconds are inflated; "
                     "cpu_seconds is this process's CPU time (all threads)"}

@@ -145,6 +145,34 @@ def test_weight_used_through_f_linear_is_unsupported_not_budgeted():
     assert "NOT quantized" in q.ompq_report.float_ops["qkv.weight"]
 
 
+class IndexedBias(nn.Module):
+    """MaxViT-style: relative position bias tables (parameters) indexed, in several blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(9, 4)) for _ in range(5)])
+        self.register_buffer("index", torch.tensor([0, 4, 8, 4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean((2, 3))
+        for table in self.tables:
+            y = y + table[self.index].sum(0)
+        return y
+
+
+def test_indexed_parameters_are_refused_in_one_line_naming_three_and_counting_the_rest():
+    model = IndexedBias().eval()
+    found = discover_layers(model, torch.randn(1, 3, 8, 8))
+    assert len(found.unsupported) == 5
+    assert all("indexed" in u.module_type for u in found.unsupported)
+    with pytest.raises(OmpqError) as err:
+        found.require_supported()
+    message = str(err.value)
+    assert "\n" not in message and "and 2 more" in message
+    assert message.count("indexed") == 3
+
+
 class Gated(nn.Module):
     """SE gate whose feature is the same for every sample (its fc weights are zero)."""
 

@@ -153,6 +153,30 @@ def save(out: Path, rows: list[dict], new: dict, threads: int) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """The README's markdown table of ``rows``: CPU seconds per step, export wall seconds."""
+    head = ["model", "input", "images search/calib", "result", "search s", "quantize s",
+            "export s (CPU)", "export wall s", "layers", "float ops", "verification / reason"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cpu = r["cpu_seconds"]
+        if r["status"] == "pass":
+            v = r["verification"]
+            result = "pass"
+            note = (f"top-1 {v['top1_agree']}/{v['n_images']}, {v['boundary_flips']} "
+                    f"rounding-boundary flips, max abs diff {v['max_abs_diff']:.2g}")
+        else:
+            result = f"{r['status']} at {r['step']}"
+            note = (r["error"] or "").replace("|", "/")
+        images = f"{r.get('samples', '?')}/{r.get('calib', '?')}"
+        cells = [r["model"], str(r["input_size"]), images, result,
+                 *(f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("search", "quantize", "export")),
+                 f"{r['seconds']['export']:.0f}" if "export" in r["seconds"] else "-",
+                 str(r.get("layers", "-")), str(r.get("float_ops", "-")), note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated subset (default: the 25)")
@@ -162,12 +186,17 @@ def main() -> int:
     p.add_argument("--avg-bits", type=float, default=7.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(OUT))
+    p.add_argument("--table", action="store_true",
+                   help="only print --output's rows as the README's markdown table")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of these files (parallel runs) into --output")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.table:
+        print(table(rows))
+        return 0
     if args.merge:
         for f in args.merge:
             for row in json.loads(Path(f).read_text())["rows"]:

@@ -395,14 +395,15 @@ def torch_outputs(qmodel: Any, images: Any, batch: int = 1) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def forward_with_hooks(qmodel: Any, image: Any, hooks: Iterable[tuple[Any, Any]]) -> None:
-    """One no-grad forward pass of ``image`` with ``(module, forward_hook)`` pairs attached."""
+def forward_with_hooks(qmodel: Any, image: Any, hooks: Iterable[tuple[Any, Any]]) -> Any:
+    """One no-grad forward pass of ``image`` with ``(module, forward_hook)`` pairs attached;
+    returns the model's output."""
     import torch
 
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with torch.no_grad():
-            qmodel(image)
+            return qmodel(image)
     finally:
         for h in handles:
             h.remove()
@@ -479,6 +480,10 @@ class FlipCheck:
 
 def torch_act_calls(qmodel: Any, image: Any) -> list[ActCall]:
     """Every enabled Brevitas activation quantizer call for one image, in call order."""
+    return _act_calls_and_output(qmodel, image)[0]
+
+
+def _act_calls_and_output(qmodel: Any, image: Any) -> tuple[list[ActCall], np.ndarray]:
     from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 
     calls: list[ActCall] = []
@@ -492,23 +497,31 @@ def torch_act_calls(qmodel: Any, image: Any) -> list[ActCall]:
 
         return hook
 
-    forward_with_hooks(qmodel, image, [
+    out = forward_with_hooks(qmodel, image, [
         (module, record(name)) for name, module in qmodel.named_modules()
         if isinstance(module, ActQuantProxyFromInjectorBase) and module.is_quant_enabled
     ])
-    return calls
+    return calls, getattr(out, "value", out).detach().cpu().numpy()
+
+
+def torch_outputs_and_act_calls(qmodel: Any, images: Any) -> tuple[np.ndarray, list[list[ActCall]]]:
+    """The outputs (as :func:`torch_outputs` with the whole batch) and :func:`torch_act_calls` of
+    every image, from ONE batched forward pass (per-tensor scales are the same for every image;
+    the torch side of a verification is otherwise two passes); falls back to one pass per image
+    when a quantizer's output does not keep the batch as its first dimension."""
+    n = images.shape[0]
+    calls, out = _act_calls_and_output(qmodel, images)
+    if n == 1 or any(c.value.shape[:1] != (n,) or c.scale.size != 1 and c.scale.shape[:1] == (n,)
+                     for c in calls):
+        each = [_act_calls_and_output(qmodel, images[i : i + 1]) for i in range(n)]
+        return np.concatenate([o for _, o in each]), [c for c, _ in each]
+    return out, [[ActCall(c.name, c.value[i : i + 1], c.scale) for c in calls] for i in range(n)]
 
 
 def torch_act_calls_batched(qmodel: Any, images: Any) -> list[list[ActCall]]:
-    """:func:`torch_act_calls` of every image from one batched forward pass (per-tensor scales
-    are the same for every image); falls back to one pass per image when a quantizer's output
-    does not keep the batch as its first dimension."""
-    n = images.shape[0]
-    calls = torch_act_calls(qmodel, images)
-    if n == 1 or any(c.value.shape[:1] != (n,) or c.scale.size != 1 and c.scale.shape[:1] == (n,)
-                     for c in calls):
-        return [torch_act_calls(qmodel, images[i : i + 1]) for i in range(n)]
-    return [[ActCall(c.name, c.value[i : i + 1], c.scale) for c in calls] for i in range(n)]
+    """:func:`torch_act_calls` of every image from one batched forward pass (see
+    :func:`torch_outputs_and_act_calls`)."""
+    return torch_outputs_and_act_calls(qmodel, images)[1]
 
 
 def act_quant_nodes(g: Graph) -> list[onnx.NodeProto]:

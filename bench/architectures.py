@@ -90,7 +90,7 @@ def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     from ompq_plugin.searcher import run_search
 
     size = SIZES.get(name, 64)
-    row: dict = {"model": name, "commit": code_version(), "input_size": size,
+    row: dict = {"model": name, "commit": args.commit, "input_size": size,
                  "samples": args.samples, "calib": args.calib,
                  "status": "fail", "step": None, "error": None, "seconds": {}, "cpu_seconds": {}}
     step = "build"
@@ -192,6 +192,7 @@ def main() -> int:
                    help="only merge the rows of these files (parallel runs) into --output")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.commit = code_version()  # of the code this process loaded
     out = Path(args.output)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     if args.table:

@@ -52,6 +52,7 @@ class Graph:
                 self.producer[out] = node
             for inp in node.input:
                 self.consumers.setdefault(inp, []).append(node)
+        self._const: dict[str, bool] = {}
 
     def const(self, name: str) -> np.ndarray | None:
         """Value of an initializer or a Constant node's output, else None."""
@@ -69,15 +70,29 @@ class Graph:
         return None
 
     def is_const(self, name: str) -> bool:
-        if name in self.inits:
-            return True
-        node = self.producer.get(name)
-        if node is None:
-            return False
-        if node.op_type == "Constant":
-            return True
-        # a quantizer / cast chain on constants is itself constant (weights)
-        return all(self.is_const(i) for i in node.input if i)
+        """An initializer, a Constant, or computed from constants only (a quantizer / cast chain
+        on weights). Iterative and memoised: a recursive walk back along the data path exceeded
+        Python's recursion limit on EfficientNet-V2 and cost time quadratic in the depth."""
+        cache = self._const
+        stack = [name]
+        while stack:
+            top = stack[-1]
+            if top in cache:
+                stack.pop()
+                continue
+            node = self.producer.get(top)
+            if top in self.inits or (node is not None and node.op_type == "Constant"):
+                cache[top] = True
+            elif node is None:
+                cache[top] = False
+            else:
+                pending = [i for i in node.input if i and i not in cache]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                cache[top] = all(cache[i] for i in node.input if i)
+            stack.pop()
+        return cache[name]
 
     def shape(self, name: str) -> list[int] | None:
         value = self.const(name)

@@ -362,3 +362,20 @@ def test_logits_of_large_activations_are_checked_relative_to_their_scale(tmp_pat
         out = q(x)
     assert float(out.abs().max()) > 1e6 and float(out.abs().min()) < 1e4  # scale and near-zeros
     _export(q, x, tmp_path)
+
+
+def test_constant_analysis_of_a_deep_graph_does_not_recurse():
+    """EfficientNet-V2's exported graph is deeper than Python's recursion limit allows a
+    recursive walk back along its data path (the export crashed with RecursionError)."""
+    depth = 3000
+    h = onnx.helper
+    nodes = [h.make_node("Relu", [f"t{i}"], [f"t{i + 1}"]) for i in range(depth)]
+    nodes.append(h.make_node("Neg", ["w"], ["w_neg"]))
+    nodes.append(h.make_node("Add", [f"t{depth}", "w_neg"], ["y"]))
+    graph = h.make_graph(
+        nodes, "deep", [h.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [onnx.numpy_helper.from_array(np.ones(1, np.float32), "w")])
+    g = V.Graph(h.make_model(graph))
+    assert g.is_const("w_neg") and g.is_const("w")
+    assert not g.is_const("y") and not g.is_const(f"t{depth // 2}") and not g.is_const("t0")

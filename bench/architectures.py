@@ -66,6 +66,22 @@ class Step:
         self.row["cpu_seconds"][self.name] = round(time.process_time() - self.c, 2)
 
 
+def code_version() -> str:
+    """The commit the run measured (``+dirty`` when code had uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!bench/results", ":!README.md"],
+                               cwd=root, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     import torchvision
 
@@ -74,7 +90,8 @@ def run_one(name: str, data_dir: Path, args: argparse.Namespace) -> dict:
     from ompq_plugin.searcher import run_search
 
     size = SIZES.get(name, 64)
-    row: dict = {"model": name, "input_size": size, "samples": args.samples, "calib": args.calib,
+    row: dict = {"model": name, "commit": args.commit, "input_size": size,
+                 "samples": args.samples, "calib": args.calib,
                  "status": "fail", "step": None, "error": None, "seconds": {}, "cpu_seconds": {}}
     step = "build"
     try:
@@ -125,7 +142,8 @@ def save(out: Path, rows: list[dict], new: dict, threads: int) -> list[dict]:
     rows = [r for r in rows if r["model"] != new["model"]] + [new]
     order = {n: i for i, n in enumerate(MODELS + EXTRA)}
     rows.sort(key=lambda r: order.get(r["model"], len(order)))
-    meta = {"command": "nice -n 10 /work/tvenv/bin/python bench/architectures.py",
+    meta = {"command": "OMPQ_DATA_DIR=../shared/data nice -n 5 /work/tvenv/bin/python "
+                       "bench/architectures.py [--models ...] (each row: its own samples/calib)",
             "torch": torch.__version__, "threads": threads,
             "note": "2-core machine shared with other jobs: wall seconds are inflated; "
                     "cpu_seconds is this process's CPU time (all threads)"}
@@ -133,6 +151,30 @@ def save(out: Path, rows: list[dict], new: dict, threads: int) -> list[dict]:
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     tmp.replace(out)
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The README's markdown table of ``rows``: CPU seconds per step, export wall seconds."""
+    head = ["model", "input", "images search/calib", "result", "search s", "quantize s",
+            "export s (CPU)", "export wall s", "layers", "float ops", "verification / reason"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cpu = r["cpu_seconds"]
+        if r["status"] == "pass":
+            v = r["verification"]
+            result = "pass"
+            note = (f"top-1 {v['top1_agree']}/{v['n_images']}, {v['boundary_flips']} "
+                    f"rounding-boundary flips, max abs diff {v['max_abs_diff']:.2g}")
+        else:
+            result = f"{r['status']} at {r['step']}"
+            note = (r["error"] or "").replace("|", "/")
+        images = f"{r.get('samples', '?')}/{r.get('calib', '?')}"
+        cells = [r["model"], str(r["input_size"]), images, result,
+                 *(f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("search", "quantize", "export")),
+                 f"{r['seconds']['export']:.0f}" if "export" in r["seconds"] else "-",
+                 str(r.get("layers", "-")), str(r.get("float_ops", "-")), note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -144,12 +186,18 @@ def main() -> int:
     p.add_argument("--avg-bits", type=float, default=7.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(OUT))
+    p.add_argument("--table", action="store_true",
+                   help="only print --output's rows as the README's markdown table")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of these files (parallel runs) into --output")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.commit = code_version()  # of the code this process loaded
     out = Path(args.output)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.table:
+        print(table(rows))
+        return 0
     if args.merge:
         for f in args.merge:
             for row in json.loads(Path(f).read_text())["rows"]:

@@ -127,10 +127,13 @@ class ModelLayers:
     def require_supported(self) -> None:
         """Raise an OmpqError naming every unsupported layer."""
         if self.unsupported:
-            listed = ", ".join(f"{u.name} ({u.module_type})" for u in self.unsupported)
+            shown = self.unsupported[:3]
+            listed = ", ".join(f"{u.name} ({u.module_type})" for u in shown)
+            more = len(self.unsupported) - len(shown)
             raise OmpqError(
-                f"unsupported layer types: {listed}; only Conv1d/Conv2d/Linear are quantized — "
-                "replace them, or pass --allow-unsupported to keep them in float"
+                f"unsupported layer types: {listed}{f' and {more} more' if more else ''}; only "
+                "Conv1d/Conv2d/Linear are quantized — replace them, or pass --allow-unsupported "
+                "to keep them in float"
             )
 
 
@@ -249,7 +252,8 @@ def _weights_used_as_functions(
             out.append(UnsupportedLayer(name, f"{type(module).__name__}, {how}"))
     for param, via in used.items():
         if not param.endswith(".bias"):
-            out.append(UnsupportedLayer(param, f"parameter used as a weight through {via}"))
+            how = "indexed (getitem)" if via == "getitem" else f"used as a weight through {via}"
+            out.append(UnsupportedLayer(param, f"parameter {how}"))
     return out
 
 

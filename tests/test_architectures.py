@@ -145,6 +145,34 @@ def test_weight_used_through_f_linear_is_unsupported_not_budgeted():
     assert "NOT quantized" in q.ompq_report.float_ops["qkv.weight"]
 
 
+class IndexedBias(nn.Module):
+    """MaxViT-style: relative position bias tables (parameters) indexed, in several blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(9, 4)) for _ in range(5)])
+        self.register_buffer("index", torch.tensor([0, 4, 8, 4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean((2, 3))
+        for table in self.tables:
+            y = y + table[self.index].sum(0)
+        return y
+
+
+def test_indexed_parameters_are_refused_in_one_line_naming_three_and_counting_the_rest():
+    model = IndexedBias().eval()
+    found = discover_layers(model, torch.randn(1, 3, 8, 8))
+    assert len(found.unsupported) == 5
+    assert all("indexed" in u.module_type for u in found.unsupported)
+    with pytest.raises(OmpqError) as err:
+        found.require_supported()
+    message = str(err.value)
+    assert "\n" not in message and "and 2 more" in message
+    assert message.count("indexed") == 3
+
+
 class Gated(nn.Module):
     """SE gate whose feature is the same for every sample (its fc weights are zero)."""
 
@@ -317,3 +345,37 @@ def test_a_wrong_layer_is_still_caught_by_the_fast_verification(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(OmpqError, match=r"first diverging layer mix"):
             verify_qonnx(graph, q, x[:3])
+
+
+def test_logits_of_large_activations_are_checked_relative_to_their_scale(tmp_path):
+    """Inception's random init (weights of std 0.1) gives logits of ~1e8: a logit near zero then
+    carries float32 accumulation error of its large terms, which is not an export bug."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 4 * 4, 300)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0)
+    x = torch.randn(3, 3, 8, 8) * 1000
+    q = _quantized(model, x)
+    with torch.no_grad():
+        out = q(x)
+    assert float(out.abs().max()) > 1e6 and float(out.abs().min()) < 1e4  # scale and near-zeros
+    _export(q, x, tmp_path)
+
+
+def test_constant_analysis_of_a_deep_graph_does_not_recurse():
+    """EfficientNet-V2's exported graph is deeper than Python's recursion limit allows a
+    recursive walk back along its data path (the export crashed with RecursionError)."""
+    depth = 3000
+    h = onnx.helper
+    nodes = [h.make_node("Relu", [f"t{i}"], [f"t{i + 1}"]) for i in range(depth)]
+    nodes.append(h.make_node("Neg", ["w"], ["w_neg"]))
+    nodes.append(h.make_node("Add", [f"t{depth}", "w_neg"], ["y"]))
+    graph = h.make_graph(
+        nodes, "deep", [h.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [onnx.numpy_helper.from_array(np.ones(1, np.float32), "w")])
+    g = V.Graph(h.make_model(graph))
+    assert g.is_const("w_neg") and g.is_const("w")
+    assert not g.is_const("y") and not g.is_const(f"t{depth // 2}") and not g.is_const("t0")

@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ompq_plugin.cli import demo_cmd, export_cmd, profiles_cmd, quant_cmd, search_cmd
     from ompq_plugin.cli.common import HelpFormatter
 
-    parser = _Parser(prog="ompq", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="ompq",
+        description="Per-layer bit widths for a CNN on a hardware target (OMPQ search), "
+        "Brevitas quantization with PTQ or QAT, and verified QONNX / Q-DQ ONNX exports. "
+        "Start with `ompq demo`; `ompq <command> -h` explains each command.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo_cmd, profiles_cmd, search_cmd, quant_cmd, export_cmd):
         module.add_parser(sub)

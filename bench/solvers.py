@@ -233,7 +233,7 @@ def sweep_profile(every: int = 10) -> dict:
     import torch
 
     from ompq_plugin.allocate import budget_line, solve
-    from ompq_plugin.allocate.highs import _new_highs, formulate
+    from ompq_plugin.allocate.highs import formulate, loaded_highs
     from ompq_plugin.allocate.problem import budget_limits, checked_allocation, prepare
     from ompq_plugin.budgets import Budgets
     from ompq_plugin.errors import OmpqError
@@ -253,27 +253,8 @@ def sweep_profile(every: int = 10) -> dict:
     prep = prepare(problem)
     top = budget_limits(line[-1])
     form = formulate(replace(problem, budgets=line[-1]), prep, top)
-    n, rows = len(form.cost), len(form.row_lower)
-    h = _new_highs()
-    for key, value in (("mip_rel_gap", 1e-9), ("mip_abs_gap", 0.0), ("threads", 1)):
-        h.setOptionValue(key, value)
-    h.passModel(
-        n,
-        rows,
-        len(form.a_index),
-        int(highspy.MatrixFormat.kRowwise),
-        int(highspy.ObjSense.kMaximize),
-        0.0,
-        form.cost,
-        np.zeros(n),
-        np.ones(n),
-        form.row_lower,
-        form.row_upper,
-        form.a_start,
-        form.a_index,
-        form.a_value,
-        np.full(n, int(highspy.HighsVarType.kInteger), dtype=np.int32),
-    )
+    rows = len(form.row_lower)
+    h = loaded_highs(form)
 
     def reused(j: int, start: np.ndarray | None) -> tuple[float, float, np.ndarray]:
         lim = budget_limits(line[j])

@@ -146,13 +146,10 @@ def _new_highs() -> highspy.Highs:
     return h
 
 
-def _run(
-    form: Formulation,
-    cuts: list[list[int]],
-    time_limit_s: float,
-) -> tuple[highspy.HighsModelStatus, np.ndarray]:
+def loaded_highs(form: Formulation) -> highspy.Highs:
+    """A silent Highs object holding ``form`` as a binary maximisation, with our gap settings
+    (relative ``_REL_GAP``, absolute 0, one thread); the caller sets the time limit."""
     h = _new_highs()
-    h.setOptionValue("time_limit", max(time_limit_s, 1e-3))
     h.setOptionValue("mip_rel_gap", _REL_GAP)
     h.setOptionValue("mip_abs_gap", 0.0)
     h.setOptionValue("threads", 1)
@@ -174,6 +171,16 @@ def _run(
         form.a_value,
         np.full(n, int(highspy.HighsVarType.kInteger), dtype=np.int32),
     )
+    return h
+
+
+def _run(
+    form: Formulation,
+    cuts: list[list[int]],
+    time_limit_s: float,
+) -> tuple[highspy.HighsModelStatus, np.ndarray]:
+    h = loaded_highs(form)
+    h.setOptionValue("time_limit", max(time_limit_s, 1e-3))
     for cut in cuts:  # never this over-budget configuration again
         h.addRow(
             -math.inf, len(cut) - 1, len(cut), np.array(cut, dtype=np.int32), np.ones(len(cut))

@@ -225,6 +225,21 @@ def _act_coefficients(problem: AllocationProblem) -> dict[str, float]:
     return {g: float(problem.act_coeff[g]) for g in default}
 
 
+def _pinned(
+    lay: AllocationLayer, what: str, pin: int | None, choices: tuple[int, ...]
+) -> tuple[int, ...]:
+    """``choices`` narrowed to the pinned width (``what``: "weight" or "act"), which must be one
+    of them."""
+    if pin is None:
+        return choices
+    if pin not in choices:
+        raise OmpqError(
+            f"pin {lay.name}: {what} bits {pin} not allowed for this {lay.kind} layer "
+            f"(allowed {list(choices)}); pin one of those"
+        )
+    return (pin,)
+
+
 def _check_choices(lay: AllocationLayer, attr: str) -> tuple[int, ...]:
     choices = getattr(lay, attr)
     if not choices or not all(isinstance(b, int) and b >= 1 for b in choices):
@@ -280,20 +295,8 @@ def prepare(problem: AllocationProblem) -> Prepared:
         w_choices = _check_choices(lay, "weight_choices")
         a_choices = _check_choices(lay, "act_choices")
         pin_w, pin_a = problem.pins.get(lay.name, (None, None))
-        if pin_w is not None:
-            if pin_w not in w_choices:
-                raise OmpqError(
-                    f"pin {lay.name}: weight bits {pin_w} not allowed for this {lay.kind} layer "
-                    f"(allowed {list(w_choices)}); pin one of those"
-                )
-            w_choices = (pin_w,)
-        if pin_a is not None:
-            if pin_a not in a_choices:
-                raise OmpqError(
-                    f"pin {lay.name}: act bits {pin_a} not allowed for this {lay.kind} layer "
-                    f"(allowed {list(a_choices)}); pin one of those"
-                )
-            a_choices = (pin_a,)
+        w_choices = _pinned(lay, "weight", pin_w, w_choices)
+        a_choices = _pinned(lay, "act", pin_a, a_choices)
         bad = lay.excluded_pairs
         if not all(
             isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(b, int) for b in pair)

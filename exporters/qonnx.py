@@ -34,6 +34,8 @@ from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import atomic_path, write_error, write_text_atomic
 from ompq_plugin.rounding import HALF_UP, rounds_half_up
 
+from . import forced_check as F
+from . import graph_session as GS
 from . import targets as T
 from . import verify as V
 
@@ -359,7 +361,7 @@ class Verification:
     forced_images: int = 0
     max_forced_diff: float = 0.0
     top1_agree: int | None = None
-    runtime: str = "onnxruntime"  # what executed the graph (see verify.GraphSession)
+    runtime: str = "onnxruntime"  # what executed the graph (see graph_session.GraphSession)
 
     def report_fields(self) -> dict[str, Any]:
         """The figures ExportReport carries."""
@@ -376,21 +378,21 @@ def verify_qonnx(
     bits: BitConfig | None = None,
     tol: float = DEFAULT_TOL,
     exact: bool | None = None,
-    session_factory: Callable[[onnx.ModelProto], Any] = V.GraphSession,
+    session_factory: Callable[[onnx.ModelProto], Any] = GS.GraphSession,
 ) -> Verification:
     """Check an exported, annotated graph against the torch model; raise naming the first
     diverging layer. ``exact`` None: bit-exact iff every scale is a power of two.
 
     Power-of-two scales: the outputs must be bit-identical. Float scales: every image is checked
     layer by layer from torch's own inputs (every activation
-    quantizer's output replaced by torch's, see :func:`verify.teacher_forced_check`), which
+    quantizer's output replaced by torch's, see :func:`forced_check.teacher_forced_check`), which
     accepts only isolated exact one-LSB flips of values on a rounding boundary (float
     accumulation order) and within ``tol`` everywhere else.
 
-    The graph runs in one onnxruntime session (:class:`verify.GraphSession`: QONNX ops lowered
-    to the standard ops computing the same values); torch runs the images as one batch, and an
-    image that disagrees is checked again from a one-image torch pass (as the graph runs) before
-    anything is refused."""
+    The graph runs in one onnxruntime session (:class:`graph_session.GraphSession`: QONNX ops
+    lowered to the standard ops computing the same values); torch runs the images as one batch,
+    and an image that disagrees is checked again from a one-image torch pass (as the graph runs)
+    before anything is refused."""
     images = as_images(example_input, qmodel)
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
@@ -404,13 +406,13 @@ def verify_qonnx(
         exact = V.all_scales_power_of_two(model)
     x = images.detach().cpu().numpy().astype(np.float32)
     n = len(x)
-    sessions = V.Sessions(model, session_factory)
+    sessions = GS.Sessions(model, session_factory)
     iname, oname = model.graph.input[0].name, model.graph.output[0].name
     if exact:
         ref, calls = V.torch_outputs(qmodel, images, batch=n), []
     else:  # outputs and every quantizer's values from one batched pass
-        ref, calls = V.torch_outputs_and_act_calls(qmodel, images)
-    stats = V.FlipCheck()
+        ref, calls = F.torch_outputs_and_act_calls(qmodel, images)
+    stats = F.FlipCheck()
     outs = []
     for i in range(n):
         feeds = {iname: x[i : i + 1]}
@@ -423,13 +425,13 @@ def verify_qonnx(
             # rounding-boundary flips from export bugs (even bugs that the logits happen to hide)
             trial = copy.deepcopy(stats)
             try:
-                V.teacher_forced_check(model, calls[i], ref[i : i + 1], ctx, sessions, feeds,
+                F.teacher_forced_check(model, calls[i], ref[i : i + 1], ctx, sessions, feeds,
                                        tol, trial)
             except OmpqError:  # again from a one-image torch pass before refusing
                 one = images[i : i + 1]
                 ref[i : i + 1] = V.torch_outputs(qmodel, one)
                 trial = copy.deepcopy(stats)
-                V.teacher_forced_check(model, V.torch_act_calls(qmodel, one), ref[i : i + 1],
+                F.teacher_forced_check(model, F.torch_act_calls(qmodel, one), ref[i : i + 1],
                                        ctx, sessions, feeds, tol, trial)
             stats = trial
         outs.append(got_i)

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import verify as V
+from .graph_session import GraphSession
 
 TARGETS = ("generic", "hls4ml", "finn")
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -259,15 +260,15 @@ class TieCount:
 
 def count_ties(model: onnx.ModelProto, images: np.ndarray) -> TieCount:
     """Count rounding ties of every activation Quant of ``model`` on ``images`` (N x C x H x W,
-    run one at a time through :class:`verify.GraphSession`). For ``ROUND`` quantizers every tie
-    is counted, also those where half-even rounding happens to agree with FINN."""
+    run one at a time through :class:`graph_session.GraphSession`). For ``ROUND`` quantizers
+    every tie is counted, also those where half-even rounding happens to agree with FINN."""
     g = V.Graph(model)
     quants = [n for n in g.graph.node if n.op_type == "Quant" and g.const(n.input[0]) is None]
     modes = {
         q.name: next((a.s.decode() for a in q.attribute if a.name == "rounding_mode"), "ROUND")
         for q in quants
     }
-    session = V.GraphSession(model)
+    session = GraphSession(model)
     iname = model.graph.input[0].name
     counts = {q.name: [0, 0] for q in quants}
     values = 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ompq_plugin.exporters import export_qonnx
+from ompq_plugin.exporters import graph_session as GS
 from ompq_plugin.exporters import verify as V
 from ompq_plugin.hw_profiles import load_profile
 from torch import nn
@@ -301,13 +302,13 @@ def test_lowered_quant_ops_compute_what_qonnx_computes(tmp_path):
     for profile in ("generic", "hls4ml"):
         graph = _export(_quantized(model, x, profile), x, tmp_path)
         feeds = {graph.graph.input[0].name: x[:1].numpy()}
-        ours = V.GraphSession(graph)
+        ours = GS.GraphSession(graph)
         assert ours.engine.startswith("onnxruntime")
         got = ours.run(feeds)
         ref = oxe.execute_onnx(ModelWrapper(graph), feeds, return_full_exec_context=True)
         g = V.Graph(graph)
         custom = [n for n in graph.graph.node
-                  if n.domain.startswith(V.QONNX_DOMAIN_PREFIX) and not g.is_const(n.input[0])]
+                  if n.domain.startswith(GS.QONNX_DOMAIN_PREFIX) and not g.is_const(n.input[0])]
         assert {n.op_type for n in custom} >= {"Quant"}
         for node in custom:
             value = np.asarray(ref[node.input[0]], np.float32)
@@ -318,7 +319,7 @@ def test_lowered_quant_ops_compute_what_qonnx_computes(tmp_path):
                 mini = _single_node_model(graph, node, list(value.shape))
                 probe = {node.input[0]: np.asarray(probe, np.float32)}
                 want = oxe.execute_onnx(ModelWrapper(mini), probe)[node.output[0]]
-                have = V.GraphSession(mini).run(probe)[node.output[0]]
+                have = GS.GraphSession(mini).run(probe)[node.output[0]]
                 np.testing.assert_array_equal(have, want, err_msg=node.name)
         for k in ref:
             if k in got and not g.is_const(k):

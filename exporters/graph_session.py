@@ -1,0 +1,265 @@
+"""Running a QONNX or QCDQ graph fast: the whole graph in one onnxruntime session.
+
+qonnx's ``execute_onnx`` runs a graph node by node and builds an onnxruntime session for every
+standard node, which costs seconds per image on a torchvision-size model. Here the QONNX custom
+ops are rewritten as the standard ONNX ops computing exactly the same float32 expressions as
+qonnx's numpy implementations (``int_quant``, ``trunc_v1`` / ``trunc_v2``, same operation order),
+and the graph runs in a single session with graph optimisations off, so every node is the same
+onnxruntime kernel qonnx would call. A graph holding a custom op this rewrite does not cover is
+executed by qonnx itself (slow, never wrong).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ompq_plugin.errors import OmpqError
+
+from .verify import Graph
+
+QONNX_DOMAIN_PREFIX = "qonnx.custom_op"
+_ROUNDING_OPS = {"ROUND": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
+
+
+def forced_model(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """Copy of ``model`` where each named tensor becomes a graph input (fed with torch's value);
+    the value the graph computes for it is kept as ``<name>__ompq_graph``."""
+    forced = onnx.ModelProto.FromString(model.SerializeToString())
+    want = set(tensors)
+    for node in forced.graph.node:
+        for k, out in enumerate(node.output):
+            if out in want:
+                node.output[k] = out + "__ompq_graph"
+    infos = {}
+    for vi in forced.graph.value_info:
+        if vi.name in want:
+            infos[vi.name] = onnx.ValueInfoProto.FromString(vi.SerializeToString())
+            vi.name = vi.name + "__ompq_graph"
+    for name in tensors:
+        forced.graph.input.append(
+            infos.get(name)
+            or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    return forced
+
+
+class NotLowerable(Exception):
+    """A custom op (or an attribute of one) the standard-op rewrite does not cover."""
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+class _Lowering:
+    """Builds the standard-op replacement of each custom node, with fresh tensor names."""
+
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def _name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}__ompq_low{self.count}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self._name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], base: str, out: str | None = None) -> str:
+        out = out or self._name(base)
+        self.nodes.append(onnx.helper.make_node(op_type, inputs, [out], name=self._name(base)))
+        return out
+
+    def rounding(self, mode: str, x: str, base: str) -> str:
+        if str(mode).upper() == "HALF_UP":  # qonnx: sign(x) * floor(|x| + 0.5)
+            half = self.op("Add", [self.op("Abs", [x], base), self.const("half", 0.5)], base)
+            return self.op(
+                "Mul", [self.op("Sign", [x], base), self.op("Floor", [half], base)], base
+            )
+        op = _ROUNDING_OPS.get(str(mode).upper())
+        if op is None:
+            raise NotLowerable(f"rounding mode {mode}")
+        return self.op(op, [x], base)
+
+    def const_input(self, node: onnx.NodeProto, k: int) -> np.ndarray:
+        value = self.g.const(node.input[k])
+        if value is None:
+            raise NotLowerable(f"{node.op_type} {node.name}: input {k} is not a constant")
+        return np.asarray(value, np.float32)
+
+    def quant(self, node: onnx.NodeProto) -> None:
+        """qonnx ``int_quant``: x / s + z, clamp to the integer range, round, - z, * s."""
+        bits = self.const_input(node, 3)
+        signed, narrow = bool(_attr(node, "signed", 1)), bool(_attr(node, "narrow", 0))
+        if bits.size != 1 or (float(bits) == 1 and signed):
+            raise NotLowerable(f"Quant {node.name}: bit width {bits}")
+        b = float(bits)
+        lo = -(2 ** (b - 1)) + (1 if narrow else 0) if signed else 0.0
+        hi = 2 ** (b - 1) - 1 if signed else 2**b - (2 if narrow else 1)
+        x, s, z = node.input[0], node.input[1], node.input[2]
+        y = self.op("Add", [self.op("Div", [x, s], node.name), z], node.name)
+        y = self.op(
+            "Clip",
+            [y, self.const("lo", np.float32(lo)), self.const("hi", np.float32(hi))],
+            node.name,
+        )
+        y = self.rounding(_attr(node, "rounding_mode", "ROUND"), y, node.name)
+        self.op("Mul", [self.op("Sub", [y, z], node.name), s], node.name, out=node.output[0])
+
+    def trunc(self, node: onnx.NodeProto) -> None:
+        """qonnx ``trunc_v1`` (5 inputs) / ``trunc_v2`` (6 inputs)."""
+        x, s, z = node.input[0], node.input[1], node.input[2]
+        y = self.op(
+            "Round", [self.op("Add", [self.op("Div", [x, s], node.name), z], node.name)], node.name
+        )
+        if len(node.input) == 5:
+            in_bits, out_bits = self.const_input(node, 3), self.const_input(node, 4)
+            t = np.float32(2.0) ** (in_bits - out_bits)
+            y = self.rounding(
+                _attr(node, "rounding_mode", "FLOOR"),
+                self.op("Div", [y, self.const("t", t)], node.name),
+                node.name,
+            )
+            self.op("Mul", [self.op("Sub", [y, z], node.name), s], node.name, out=node.output[0])
+            return
+        scale, zeropt = self.const_input(node, 1), self.const_input(node, 2)
+        out_scale, out_bits = self.const_input(node, 4), self.const_input(node, 5)
+        t = 2 ** np.round(np.log2(out_scale / scale))
+        signed, narrow = bool(_attr(node, "signed", 1)), bool(_attr(node, "narrow", 0))
+        b = float(out_bits)
+        lo = -(2 ** (b - 1)) + (1 if narrow else 0) if signed else 0.0
+        hi = 2 ** (b - 1) - 1 if signed else 2**b - (2 if narrow else 1)
+        y = self.op("Div", [y, self.const("t", t)], node.name)
+        y = self.op(
+            "Clip",
+            [y, self.const("lo", np.float32(lo)), self.const("hi", np.float32(hi))],
+            node.name,
+        )
+        y = self.rounding(_attr(node, "rounding_mode", "ROUND"), y, node.name)
+        zo = self.const("zo", zeropt / t)
+        self.op(
+            "Mul",
+            [self.op("Sub", [y, zo], node.name), node.input[4]],
+            node.name,
+            out=node.output[0],
+        )
+
+
+def lower_qonnx_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with every QONNX Quant / Trunc node replaced by standard ONNX ops that
+    compute the same float32 values; raises :class:`NotLowerable` for anything else custom."""
+    g = Graph(model)
+    low = _Lowering(g)
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if not node.domain.startswith(QONNX_DOMAIN_PREFIX):
+            nodes.append(node)
+            continue
+        start = len(low.nodes)
+        if node.op_type in ("Quant", "IntQuant"):
+            low.quant(node)
+        elif node.op_type == "Trunc":
+            low.trunc(node)
+        else:
+            raise NotLowerable(f"{node.op_type} {node.name}")
+        nodes.extend(low.nodes[start:])
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(low.inits)
+    del out.opset_import[:]
+    out.opset_import.extend(
+        o for o in model.opset_import if not o.domain.startswith(QONNX_DOMAIN_PREFIX)
+    )
+    return out
+
+
+class Sessions:
+    """A graph's session and those of its teacher-forced copies, each built once."""
+
+    def __init__(self, model: onnx.ModelProto, factory: Any = None) -> None:
+        self.model = model
+        self.graph = Graph(model)
+        self.factory = factory or GraphSession
+        self.plain = self.factory(model)
+        self._forced: dict[tuple[str, ...], Any] = {}
+
+    def forced(self, tensors: tuple[str, ...]) -> Any:
+        if tensors not in self._forced:
+            self._forced[tensors] = self.factory(forced_model(self.model, list(tensors)))
+        return self._forced[tensors]
+
+
+class GraphSession:
+    """Runs a QONNX or QCDQ graph, returning every tensor: one onnxruntime session with QONNX ops
+    lowered (see :func:`lower_qonnx_ops`), else qonnx's node-by-node ``execute_onnx``."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.output = model.graph.output[0].name
+        try:
+            lowered = lower_qonnx_ops(model)
+        except NotLowerable as exc:
+            self.session, self.reason = None, str(exc)
+            return
+        self.session, self.reason = _ort_every_tensor(lowered), ""
+        self.lowered = len(lowered.graph.node) != len(model.graph.node)
+
+    @property
+    def engine(self) -> str:
+        """What executes the graph, as the export report names it."""
+        if self.session is None:
+            return "qonnx"
+        return "onnxruntime (QONNX ops as standard ops)" if self.lowered else "onnxruntime"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every tensor of one execution (graph inputs included)."""
+        if self.session is None:
+            import qonnx.core.onnx_exec as oxe
+            from qonnx.core.modelwrapper import ModelWrapper
+
+            return oxe.execute_onnx(ModelWrapper(self.model), feeds, return_full_exec_context=True)
+        inputs = {i.name for i in self.session.get_inputs()}
+        names = [o.name for o in self.session.get_outputs()]
+        values = self.session.run(names, {k: v for k, v in feeds.items() if k in inputs})
+        return {**feeds, **dict(zip(names, values, strict=True))}
+
+
+def _ort_every_tensor(model: onnx.ModelProto) -> Any:
+    """An onnxruntime session (graph optimisations off) whose outputs are every node output."""
+    import onnxruntime as ort
+
+    produced = {o for n in model.graph.node for o in n.output}
+    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    dangling = [o for o in model.graph.output if o.name not in produced]
+    for o in dangling:  # extra outputs qonnx's cleanup can leave unconnected
+        model.graph.output.remove(o)
+    have = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in have:
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
+                have.add(out)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:400]})") from None

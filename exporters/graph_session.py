@@ -206,18 +206,27 @@ class Sessions:
 
 class GraphSession:
     """Runs a QONNX or QCDQ graph, returning every tensor: one onnxruntime session with QONNX ops
-    lowered (see :func:`lower_qonnx_ops`), else qonnx's node-by-node ``execute_onnx``."""
+    lowered (see :func:`lower_qonnx_ops`), else qonnx's node-by-node ``execute_onnx``.
+
+    The nodes computed from constants only (the weights' quantizers) run once, here, in their
+    own onnxruntime session (same kernels, same values); every run then returns them as they
+    are, without recomputing or copying a model's worth of weights per image."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.output = model.graph.output[0].name
+        self.constants: dict[str, np.ndarray] = {}
         try:
             lowered = lower_qonnx_ops(model)
         except NotLowerable as exc:
             self.session, self.reason = None, str(exc)
             return
-        self.session, self.reason = _ort_every_tensor(lowered), ""
         self.lowered = len(lowered.graph.node) != len(model.graph.node)
+        # the graph's own tensors (not the lowering's intermediates), weights' computed once
+        wanted = [o for n in model.graph.node for o in n.output if o]
+        lowered, self.constants = fold_constants(lowered, set(wanted))
+        wanted = [o for o in wanted if o not in self.constants]
+        self.session, self.reason = _ort_session(lowered, wanted), ""
 
     @property
     def engine(self) -> str:
@@ -236,24 +245,60 @@ class GraphSession:
         inputs = {i.name for i in self.session.get_inputs()}
         names = [o.name for o in self.session.get_outputs()]
         values = self.session.run(names, {k: v for k, v in feeds.items() if k in inputs})
-        return {**feeds, **dict(zip(names, values, strict=True))}
+        return {**self.constants, **feeds, **dict(zip(names, values, strict=True))}
 
 
-def _ort_every_tensor(model: onnx.ModelProto) -> Any:
-    """An onnxruntime session (graph optimisations off) whose outputs are every node output."""
+def fold_constants(
+    model: onnx.ModelProto, keep: set[str]
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` without the nodes computed from constants only, their outputs consumed by the
+    other nodes made initializers; and the values of those outputs named in ``keep``. The folded
+    nodes run in one onnxruntime session (graph optimisations off), as they would in the graph.
+    Nodes producing a graph output stay."""
+    graph = model.graph
+    const = {t.name for t in graph.initializer} | {""}
+    outputs = {o.name for o in graph.output}
+    folded, rest = [], []
+    for node in graph.node:
+        if all(i in const for i in node.input) and not outputs.intersection(node.output):
+            folded.append(node)
+            const.update(node.output)
+        else:
+            rest.append(node)
+    if not folded:
+        return model, {}
+    used = {i for n in rest for i in n.input}
+    made = [o for n in folded for o in n.output if o]
+    needed = [o for o in made if o in used or o in keep]
+    sub = onnx.helper.make_graph(
+        folded,
+        "constants",
+        [],
+        [onnx.ValueInfoProto(name=o) for o in needed],
+        [t for t in graph.initializer if t.name in {i for n in folded for i in n.input}],
+    )
+    sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+    sub_model.ir_version = model.ir_version
+    values = dict(zip(needed, _ort_session(sub_model, needed).run(needed, {}), strict=True))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(rest)
+    inits = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    out.graph.initializer.extend(numpy_helper.from_array(values[o], o) for o in needed if o in used)
+    return out, {o: values[o] for o in needed if o in keep}
+
+
+def _ort_session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
+    """An onnxruntime session (graph optimisations off) whose outputs are ``outputs``."""
     import onnxruntime as ort
 
     produced = {o for n in model.graph.node for o in n.output}
     produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    dangling = [o for o in model.graph.output if o.name not in produced]
-    for o in dangling:  # extra outputs qonnx's cleanup can leave unconnected
-        model.graph.output.remove(o)
-    have = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in have:
-                model.graph.output.append(onnx.ValueInfoProto(name=out))
-                have.add(out)
+    del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3

@@ -1,0 +1,125 @@
+"""exporters.fast_cleanup gives what qonnx's own cleanup_model gives, on raw Brevitas exports."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from ompq_plugin.exporters import fast_cleanup
+from ompq_plugin.exporters.prefold import prefold_constants
+from ompq_plugin.exporters.qonnx import brevitas_export
+from onnx import numpy_helper
+from test_architectures import Branches, _quantized, _random_bn
+
+from ompq_plugin.models import build_model
+
+
+def _raw(q: torch.nn.Module, x: torch.Tensor, tmp_path) -> onnx.ModelProto:  # noqa: ANN001
+    from brevitas.export import export_qonnx
+
+    return brevitas_export(export_qonnx, q, x[:1], tmp_path / "raw.onnx")
+
+
+def _summary(model: onnx.ModelProto) -> dict:
+    g = model.graph
+    return {
+        "nodes": [
+            (
+                n.op_type,
+                n.name,
+                n.domain,
+                list(n.input),
+                list(n.output),
+                [a.SerializeToString() for a in n.attribute],
+            )
+            for n in g.node
+        ],
+        "inits": {t.name: numpy_helper.to_array(t) for t in g.initializer},
+        "value_info": {v.name: v.SerializeToString() for v in g.value_info},
+        "inputs": [v.SerializeToString() for v in g.input],
+        "outputs": [v.SerializeToString() for v in g.output],
+        "annotations": sorted(a.SerializeToString() for a in g.quantization_annotation),
+    }
+
+
+def _assert_same_as_qonnx(raw: onnx.ModelProto, fast: bool = True) -> None:
+    """``fast``: the rewrite itself must clean the graph (no hand-over to qonnx)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    if fast:
+        ours = _summary(fast_cleanup._cleanup_model(ModelWrapper(copy.deepcopy(raw))).model)
+    else:
+        ours = _summary(fast_cleanup.cleanup(copy.deepcopy(raw)))
+    theirs = _summary(cleanup_model(ModelWrapper(copy.deepcopy(raw))).model)
+    for key in ("nodes", "value_info", "inputs", "outputs", "annotations"):
+        assert ours[key] == theirs[key], key
+    assert ours["inits"].keys() == theirs["inits"].keys()
+    for name, value in theirs["inits"].items():
+        np.testing.assert_array_equal(ours["inits"][name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("prefold", [False, True])
+def test_same_graph_as_qonnx_on_branches_concat_and_pooling(tmp_path, prefold):
+    torch.manual_seed(0)
+    model = Branches().eval()
+    _random_bn(model)
+    x = torch.randn(4, 3, 12, 12)
+    for profile in ("generic", "hls4ml"):
+        raw = _raw(_quantized(model, x, profile), x, tmp_path)
+        _assert_same_as_qonnx(prefold_constants(raw) if prefold else raw)
+
+
+def test_same_graph_as_qonnx_on_resnet20(tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    _assert_same_as_qonnx(prefold_constants(_raw(_quantized(model, x), x, tmp_path)))
+
+
+def test_a_shared_weight_gets_its_own_copy_and_readable_names(tmp_path):
+    """Two nodes reading one initializer (what GiveUniqueParameterTensors splits), an
+    initializer graph input (RemoveStaticGraphInputs), a node out of order (SortGraph)."""
+    h = onnx.helper
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    nodes = [
+        h.make_node("MatMul", ["y", "w"], ["z"], name="late"),
+        h.make_node("MatMul", ["x", "w"], ["y"], name="early"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2]),
+            h.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [2, 2]),
+        ],
+        [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 2])],
+        [w],
+    )
+    raw = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    _assert_same_as_qonnx(raw)
+    out = fast_cleanup.cleanup(copy.deepcopy(raw))
+    assert [n.name for n in out.graph.node] == ["MatMul_0", "MatMul_1"]
+    assert [i.name for i in out.graph.input] == ["global_in"]
+    assert sorted(t.name for t in out.graph.initializer) == ["MatMul_0_param0", "MatMul_1_param0"]
+
+
+def test_an_empty_tensor_name_is_left_to_qonnx(tmp_path):
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    h = onnx.helper
+    nodes = [h.make_node("Clip", ["x", "", "hi"], ["y"], name="clip")]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "hi")],
+    )
+    raw = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    with pytest.raises(fast_cleanup._Unsupported):
+        fast_cleanup._cleanup_model(ModelWrapper(copy.deepcopy(raw)))
+    _assert_same_as_qonnx(raw, fast=False)

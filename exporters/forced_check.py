@@ -165,7 +165,10 @@ def match_act_quants(
     """Graph quantizer node name -> the torch quantizer call it implements: same shape and scale;
     among several (a quantizer module called twice), the call whose value is closest to the
     graph's own (unforced) value."""
-    free = list(range(len(calls)))
+    free: dict[tuple[int, ...], list[int]] = {}  # by shape, in call order
+    for i, call in enumerate(calls):
+        free.setdefault(call.value.shape, []).append(i)
+    first = np.array([float(np.ravel(c.scale)[0]) if np.size(c.scale) else np.nan for c in calls])
     out: dict[str, ActCall] = {}
     for node in nodes:
         scale = _scale_of(g, node)
@@ -173,11 +176,12 @@ def match_act_quants(
         if value is None or scale is None:
             continue
         value = np.asarray(value)
-        cands = [
-            i
-            for i in free
-            if calls[i].value.shape == value.shape and same_scale(scale, calls[i].scale)
-        ]
+        same_shape = np.array(free.get(value.shape, []), dtype=int)
+        # the first scale element must already agree (a cheap, necessary test, vectorised)
+        near = np.abs(first[same_shape] - float(np.ravel(scale)[0])) <= 1e-6 * np.abs(
+            first[same_shape]
+        )
+        cands = [int(i) for i in same_shape[near] if same_scale(scale, calls[i].scale)]
         if not cands:
             layer = _layer_near(g, node)
             raise OmpqError(
@@ -187,7 +191,7 @@ def match_act_quants(
                 "quantized model"
             )
         best = min(cands, key=lambda i: float(np.mean(np.abs(calls[i].value - value))))
-        free.remove(best)
+        free[value.shape].remove(best)
         out[node.name] = calls[best]
     return out
 

@@ -270,12 +270,13 @@ def fold_constants(
     used = {i for n in rest for i in n.input}
     made = [o for n in folded for o in n.output if o]
     needed = [o for o in made if o in used or o in keep]
+    read = {i for n in folded for i in n.input}
     sub = onnx.helper.make_graph(
         folded,
         "constants",
         [],
         [onnx.ValueInfoProto(name=o) for o in needed],
-        [t for t in graph.initializer if t.name in {i for n in folded for i in n.input}],
+        [t for t in graph.initializer if t.name in read],
     )
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     sub_model.ir_version = model.ir_version

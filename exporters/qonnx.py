@@ -16,13 +16,14 @@ Flow of :func:`export_qonnx`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,11 +326,31 @@ def run_qonnx_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
     return oxe.execute_onnx(ModelWrapper(model), feeds, return_full_exec_context=True)
 
 
+@contextlib.contextmanager
+def _without_torchscript_lint() -> Iterator[None]:
+    """torch.onnx's TorchScript exporter runs ``torch._C._jit_pass_lint`` ten times between its
+    graph passes: an internal consistency check of torch's own passes, which changes nothing in
+    the graph and is quadratic in its size (DenseNet-121 at 64x64: about 90 of the export's 143
+    CPU seconds; bench/results/export_speed.json). It is skipped for the duration of our export
+    call only (the exported graph is then verified end to end against the torch model)."""
+    import torch
+
+    original = getattr(torch._C, "_jit_pass_lint", None)
+    if original is None:
+        yield
+        return
+    torch._C._jit_pass_lint = lambda graph: None
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_lint = original
+
+
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
                     path: Path, **options: Any) -> onnx.ModelProto:
     """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_torchscript_lint():
             warnings.simplefilter("ignore")
             fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
     except OmpqError:

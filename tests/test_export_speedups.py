@@ -1,4 +1,5 @@
-"""exporters.fast_cleanup gives what qonnx's own cleanup_model gives, on raw Brevitas exports."""
+"""The export's speed-ups change nothing: exporters.fast_cleanup gives what qonnx's own
+cleanup_model gives, and the raw export without torch's TorchScript lint is the same graph."""
 
 from __future__ import annotations
 
@@ -123,3 +124,19 @@ def test_an_empty_tensor_name_is_left_to_qonnx(tmp_path):
     with pytest.raises(fast_cleanup._Unsupported):
         fast_cleanup._cleanup_model(ModelWrapper(copy.deepcopy(raw)))
     _assert_same_as_qonnx(raw, fast=False)
+
+
+def test_the_raw_export_is_the_same_without_the_torchscript_lint(tmp_path):
+    from brevitas.export import export_qonnx
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    _random_bn(model)
+    x = torch.randn(4, 3, 12, 12)
+    q = _quantized(model, x)
+    lint = torch._C._jit_pass_lint
+    ours = _raw(q, x, tmp_path)
+    assert torch._C._jit_pass_lint is lint  # restored after the export
+    with_lint = tmp_path / "with_lint.onnx"
+    export_qonnx(q, args=x[:1], export_path=str(with_lint), dynamo=False)
+    assert ours.SerializeToString() == onnx.load(str(with_lint)).SerializeToString()

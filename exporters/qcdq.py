@@ -16,19 +16,10 @@ from typing import TYPE_CHECKING, Any
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.rounding import rounds_half_up
 
-from .qonnx import (
-    DEFAULT_TOL,
-    ExportReport,
-    annotate,
-    as_images,
-    brevitas_export,
-    expected_bits,
-    find_bitconfig,
-    map_layers,
-    save_atomic,
-    verify_qonnx,
-    write_metadata,
-)
+from .export_report import DEFAULT_TOL, ExportReport
+from .qonnx import annotate, brevitas_export, map_layers, save_atomic, write_metadata
+from .qonnx_verify import verify_qonnx
+from .torch_side import as_images, expected_bits, find_bitconfig
 
 if TYPE_CHECKING:
     from torch import nn

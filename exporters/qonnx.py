@@ -17,14 +17,12 @@ Flow of :func:`export_qonnx`:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,171 +33,17 @@ from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import atomic_path, write_error, write_text_atomic
 from ompq_plugin.rounding import HALF_UP, rounds_half_up
 
-from . import forced_check as F
-from . import graph_session as GS
 from . import targets as T
 from . import verify as V
+from .export_report import DEFAULT_TOL, ExportReport
+from .qonnx_verify import Verification, verify_qonnx
+from .torch_side import as_images, expected_bits, find_bitconfig, forward_order, quant_layers
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ompq_plugin.bitconfig import BitConfig
-
-DEFAULT_TOL = 1e-5
-
-
-@dataclass
-class LayerExport:
-    """One quantized layer in the written file."""
-
-    name: str  # PyTorch module name
-    node: str  # ONNX node (Conv / Gemm / MatMul) in the written file
-    op: str
-    weight_bits: int | None  # read back from the file
-    act_bits: int | None  # read back from the file (input activation)
-    expected_weight_bits: int | None
-    expected_act_bits: int | None
-    source: str  # where the expectation came from: "BitConfig" or "model"
-    weight_quant_node: str | None = None
-    act_quant_node: str | None = None
-
-
-@dataclass
-class ExportReport:
-    """What was written and how it was verified."""
-
-    path: Path
-    format: str  # "qonnx" or "qcdq"
-    layers: list[LayerExport]
-    node_map: dict[str, str]  # torch layer name -> ONNX node name in the written file
-    n_images: int
-    max_abs_diff: float
-    exact: bool  # True: outputs had to be bit-identical (power-of-two scales)
-    tolerance: float
-    runtime: str  # "qonnx" or "onnxruntime"
-    verified: bool
-    seconds: dict[str, float] = field(default_factory=dict)
-    hls4ml: Any = None  # exporters.hls4ml_check.Hls4mlReport when the check ran
-    # float scales: one-LSB rounding-boundary flips accepted by the layer-by-layer check
-    boundary_flips: int = 0
-    flip_layers: list[str] = field(default_factory=list)
-    forced_images: int = 0  # images checked layer by layer from torch's inputs
-    max_forced_diff: float = 0.0  # largest other |diff| in that check
-    top1_agree: int | None = None  # images whose top-1 class is the same in torch and the graph
-    target: str = "generic"  # the compiler the graph was shaped for (exporters.targets)
-    hls4ml_config: Path | None = None  # hls4ml config entries written beside the file
-
-    @property
-    def bits(self) -> dict[str, tuple[int | None, int | None]]:
-        """Per layer (weight bits, act bits) as read back from the file."""
-        return {lx.name: (lx.weight_bits, lx.act_bits) for lx in self.layers}
-
-    def summary(self) -> str:
-        lines = [
-            f"wrote {self.path} ({self.format}, {len(self.layers)} quantized layers)",
-            f"verified with {self.runtime} on {self.n_images} images against torch: "
-            f"{self._criterion()}: {'PASS' if self.verified else 'FAIL'}",
-            f"bits read back from the file match the {self._sources()} for every layer",
-        ]
-        if self.hls4ml_config is not None:
-            lines.append(f"wrote {self.hls4ml_config} (hls4ml config entries for this file; "
-                         "see README: hls4ml)")
-        if self.hls4ml is not None:
-            lines.append(self.hls4ml.summary())
-        return "\n".join(lines)
-
-    def _criterion(self) -> str:
-        diff = f"max |diff| = {self.max_abs_diff:.3g}"
-        top1 = (f"; top-1 identical on {self.top1_agree}/{self.n_images} images"
-                if self.top1_agree is not None else "")
-        if self.exact:
-            return f"{diff} (bit-exact){top1}"
-        if not self.forced_images:
-            return f"{diff} (tolerance {self.tolerance:g}){top1}"
-        n, k = self.boundary_flips, len(self.flip_layers)
-        flips = (f" except {n} rounding-boundary flip{'s' if n != 1 else ''} (1 LSB) after "
-                 f"{k} layer{'s' if k != 1 else ''} ({', '.join(self.flip_layers)})" if n else "")
-        return (f"{diff} end to end; each layer computed from torch's own inputs agrees within "
-                f"{self.tolerance:g} (max {self.max_forced_diff:.3g}){flips}{top1}")
-
-    def _sources(self) -> str:
-        return " / ".join(sorted({lx.source for lx in self.layers})) or "model"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        data["hls4ml_config"] = str(self.hls4ml_config) if self.hls4ml_config else None
-        data["hls4ml"] = self.hls4ml.to_json() if self.hls4ml is not None else None
-        return data
-
-
-# ------------------------------------------------------------------------------------------------
-# torch side: which layers, which bits
-
-
-def quant_layers(qmodel: nn.Module) -> dict[str, nn.Module]:
-    """Name -> Brevitas weight layer (QuantConv*/QuantLinear), in module order."""
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
-
-    return {n: m for n, m in qmodel.named_modules()
-            if isinstance(m, QuantWeightBiasInputOutputLayer)}
-
-
-def module_weight_bits(module: nn.Module) -> int:
-    return int(round(float(module.weight_quant.bit_width())))
-
-
-def find_bitconfig(qmodel: nn.Module, bits: BitConfig | None) -> BitConfig | None:
-    if bits is not None:
-        return bits
-    for attr in ("ompq_bitconfig", "bitconfig", "bit_config"):
-        found = getattr(qmodel, attr, None)
-        if found is not None and hasattr(found, "layers"):
-            return found
-    return None
-
-
-def expected_bits(qmodel: nn.Module, bits: BitConfig | None) -> dict[str, V.Expected]:
-    """Per torch layer the bits the file must carry: the BitConfig's where it names the layer,
-    else the module's own weight quantizer (e.g. the fixed shortcut convs)."""
-    layers = quant_layers(qmodel)
-    if not layers:
-        raise OmpqError("the model has no Brevitas quantized layers: run `ompq quantize` first")
-    expected = {n: V.Expected(module_weight_bits(m), None, "model") for n, m in layers.items()}
-    if bits is not None:
-        for lb in bits.layers:
-            expected[lb.name] = V.Expected(lb.weight_bits, lb.act_bits, "BitConfig")
-    return expected
-
-
-def forward_order(qmodel: nn.Module, image: torch.Tensor) -> list[str]:
-    """Quantized layers in the order the forward pass calls them."""
-    order: list[str] = []
-    V.forward_with_hooks(qmodel, image, [
-        (m, lambda *_a, n=n: order.append(n)) for n, m in quant_layers(qmodel).items()
-    ])
-    return order
-
-
-def as_images(example_input: Any, qmodel: nn.Module | None = None) -> torch.Tensor:
-    """The example input as a float batch; a single 3-D image (C x H x W) gets a batch dimension
-    only for a model whose first layer is a 2-D convolution (3-D input of a Conv1d model is
-    already N x C x L)."""
-    import torch
-
-    x = example_input
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise OmpqError("example_input must be a tensor of images (N x C x H x W)")
-    first = next(iter(quant_layers(qmodel).values()), None) if qmodel is not None else None
-    if x.dim() == 3 and (first is None or type(first).__name__ == "QuantConv2d"):
-        x = x.unsqueeze(0)
-    if x.shape[0] == 0:
-        raise OmpqError("example_input is empty: pass a few real images (N x C x H x W)")
-    return x.float()
-
 
 # ------------------------------------------------------------------------------------------------
 # graph side
@@ -363,147 +207,6 @@ def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tens
             "export a model built by `ompq quantize` (Brevitas layers, calibrated)"
         ) from None
     return onnx.load(str(path))
-
-
-# ------------------------------------------------------------------------------------------------
-# verification (shared by the export and usable on any graph, e.g. a tampered one)
-
-
-@dataclass
-class Verification:
-    layers: list[LayerExport]
-    max_abs_diff: float
-    exact: bool
-    tolerance: float
-    n_images: int
-    boundary_flips: int = 0
-    flip_layers: list[str] = field(default_factory=list)
-    forced_images: int = 0
-    max_forced_diff: float = 0.0
-    top1_agree: int | None = None
-    runtime: str = "onnxruntime"  # what executed the graph (see graph_session.GraphSession)
-
-    def report_fields(self) -> dict[str, Any]:
-        """The figures ExportReport carries."""
-        return dict(n_images=self.n_images, max_abs_diff=self.max_abs_diff, exact=self.exact,
-                    tolerance=self.tolerance, boundary_flips=self.boundary_flips,
-                    flip_layers=list(self.flip_layers), forced_images=self.forced_images,
-                    max_forced_diff=self.max_forced_diff, top1_agree=self.top1_agree)
-
-
-def verify_qonnx(
-    model: onnx.ModelProto,
-    qmodel: nn.Module,
-    example_input: Any,
-    bits: BitConfig | None = None,
-    tol: float = DEFAULT_TOL,
-    exact: bool | None = None,
-    session_factory: Callable[[onnx.ModelProto], Any] = GS.GraphSession,
-) -> Verification:
-    """Check an exported, annotated graph against the torch model; raise naming the first
-    diverging layer. ``exact`` None: bit-exact iff every scale is a power of two.
-
-    Power-of-two scales: the outputs must be bit-identical. Float scales: every image is checked
-    layer by layer from torch's own inputs (every activation
-    quantizer's output replaced by torch's, see :func:`forced_check.teacher_forced_check`), which
-    accepts only isolated exact one-LSB flips of values on a rounding boundary (float
-    accumulation order) and within ``tol`` everywhere else.
-
-    The graph runs in one onnxruntime session (:class:`graph_session.GraphSession`: QONNX ops
-    lowered to the standard ops computing the same values); torch runs the images as one batch,
-    and an image that disagrees is checked again from a one-image torch pass (as the graph runs)
-    before anything is refused."""
-    images = as_images(example_input, qmodel)
-    qmodel.eval()
-    bits = find_bitconfig(qmodel, bits)
-    expected = expected_bits(qmodel, bits)
-    readback = V.read_layers(model)
-    names = {rb.node: rb.layer for rb in readback if rb.layer}
-    if not names:
-        raise OmpqError("the graph carries no ompq layer annotations: export it with ompq export")
-    V.check_bits(readback, names, expected)
-    if exact is None:
-        exact = V.all_scales_power_of_two(model)
-    x = images.detach().cpu().numpy().astype(np.float32)
-    n = len(x)
-    sessions = GS.Sessions(model, session_factory)
-    iname, oname = model.graph.input[0].name, model.graph.output[0].name
-    if exact:
-        ref, calls = V.torch_outputs(qmodel, images, batch=n), []
-    else:  # outputs and every quantizer's values from one batched pass
-        ref, calls = F.torch_outputs_and_act_calls(qmodel, images)
-    stats = F.FlipCheck()
-    outs = []
-    for i in range(n):
-        feeds = {iname: x[i : i + 1]}
-        ctx = sessions.plain.run(feeds)
-        got_i = np.asarray(ctx[oname]).reshape(ref[i : i + 1].shape)
-        if exact and not V.within(V.compare(ref[i : i + 1], got_i), exact, tol):
-            ref[i : i + 1] = V.torch_outputs(qmodel, images[i : i + 1])  # as the graph runs
-        if not exact:
-            # float scales: every image layer by layer from torch's own inputs, which tells
-            # rounding-boundary flips from export bugs (even bugs that the logits happen to hide)
-            trial = copy.deepcopy(stats)
-            try:
-                F.teacher_forced_check(model, calls[i], ref[i : i + 1], ctx, sessions, feeds,
-                                       tol, trial)
-            except OmpqError:  # again from a one-image torch pass before refusing
-                one = images[i : i + 1]
-                ref[i : i + 1] = V.torch_outputs(qmodel, one)
-                trial = copy.deepcopy(stats)
-                F.teacher_forced_check(model, F.torch_act_calls(qmodel, one), ref[i : i + 1],
-                                       ctx, sessions, feeds, tol, trial)
-            stats = trial
-        outs.append(got_i)
-        del ctx
-    got = np.concatenate(outs)
-    diff = V.compare(ref, got)
-    top1 = None
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        top1 = int((ref.argmax(axis=1) == got.argmax(axis=1)).sum())
-    if exact and not V.within(diff, exact, tol):
-        per_image = np.abs(ref.reshape(n, -1) - got.reshape(n, -1)).max(axis=1)
-        bad = int(np.argmax(per_image > (0 if exact else tol)))
-        ctx = sessions.plain.run({iname: x[bad : bad + 1]})
-        order = [(rb.layer, _layer_output(model, rb.node)) for rb in readback if rb.layer]
-        torch_out = V.torch_layer_outputs(qmodel, images[bad : bad + 1], [n for n, _ in order])
-        first = V.first_diverging_layer(order, torch_out, ctx, exact, tol)
-        where = (f"first diverging layer {first[0]} (max |diff| {first[1]:.3g})" if first
-                 else "the layers agree, the difference is after the last layer")
-        crit = "bit-exact" if exact else f"within {tol:g}"
-        raise OmpqError(
-            f"{sessions.plain.engine} output differs from torch on image {bad} (max |diff| "
-            f"{diff:.3g}, required {crit}): {where}; re-export from the same quantized model"
-        )
-    layers = []
-    for rb in readback:
-        if not rb.layer:
-            continue
-        exp = expected.get(rb.layer)
-        layers.append(LayerExport(
-            name=rb.layer, node=rb.node, op=rb.op, weight_bits=rb.weight_bits,
-            act_bits=rb.act_bits, expected_weight_bits=exp.weight_bits if exp else None,
-            expected_act_bits=exp.act_bits if exp else None,
-            source=exp.source if exp else "model", weight_quant_node=rb.weight_quant_node,
-            act_quant_node=rb.act_quant_node))
-    order = [rb.layer for rb in readback if rb.layer]
-    flip_layers = sorted(stats.layers, key=lambda n: order.index(n) if n in order else len(order))
-    return Verification(layers, diff, exact, tol, n, boundary_flips=stats.flips,
-                        flip_layers=flip_layers, forced_images=stats.n_images,
-                        max_forced_diff=stats.max_forced_diff, top1_agree=top1,
-                        runtime=sessions.plain.engine)
-
-
-def _layer_output(model: onnx.ModelProto, node_name: str) -> str:
-    """Output tensor of a layer node; for MatMul + bias Add, the Add's output."""
-    g = V.Graph(model)
-    node = next(n for n in g.graph.node if n.name == node_name)
-    out = node.output[0]
-    if node.op_type == "MatMul":
-        adds = [c for c in g.consumers.get(out, []) if c.op_type == "Add"]
-        if len(adds) == 1:
-            return adds[0].output[0]
-    return out
 
 
 def write_metadata(model: onnx.ModelProto, fmt: str, bits: BitConfig | None,

@@ -341,7 +341,7 @@ def test_a_wrong_layer_is_still_caught_by_the_fast_verification(tmp_path):
     w = onnx.numpy_helper.to_array(init).copy()
     w[0] += 0.5 * math.copysign(1.0, float(w[0].sum()) or 1.0)
     init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
-    from ompq_plugin.exporters.qonnx import verify_qonnx
+    from ompq_plugin.exporters.qonnx_verify import verify_qonnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

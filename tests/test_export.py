@@ -13,7 +13,7 @@ import pytest
 import torch
 from ompq_plugin.exporters import export_qcdq, export_qonnx
 from ompq_plugin.exporters import verify as V
-from ompq_plugin.exporters.qonnx import verify_qonnx
+from ompq_plugin.exporters.qonnx_verify import verify_qonnx
 from torch import nn
 
 from ompq_plugin.bitconfig import BitConfig, LayerBits

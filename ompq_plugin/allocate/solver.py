@@ -36,9 +36,13 @@ def solve_prepared(
     *,
     incumbent: Allocation | None = None,
     cache: DpCache | None = None,
+    dp_first: bool = False,
 ) -> Allocation:
     """:func:`solve` on a validated problem; ``incumbent`` (a configuration known to meet these
-    budgets) and ``cache`` let a sweep reuse work between nearby budgets."""
+    budgets) and ``cache`` let a sweep reuse work between nearby budgets. ``dp_first``: "auto"
+    tries the DP on per-option problems too (a sweep: with its cache and incumbent it is the
+    faster, see ``bench/results/sweep_time.json``), HiGHS taking over when the DP's states
+    outgrow its limit or after half the time limit."""
     if solver not in SOLVERS:
         raise OmpqError(f"unknown solver {solver!r}; use one of {SOLVERS}")
     check_feasible(problem, prep)
@@ -51,17 +55,19 @@ def solve_prepared(
             for lay in problem.layers
         ]
     per_option = problem.weight_value is not None or problem.act_value is not None
-    if solver == "dp" or (solver == "auto" and not per_option):
+    if solver == "dp" or (solver == "auto" and (dp_first or not per_option)):
+        handover = solver == "auto" and per_option
         try:
             chosen = solve_dp(
                 problem,
                 prep,
-                start + time_limit_s,
+                start + time_limit_s * (0.5 if handover else 1.0),
                 incumbent=(incumbent.objective, warm) if incumbent and warm else None,
                 cache=cache,
             )
         except TimeoutError:
-            raise timeout_error(time_limit_s) from None
+            if not handover:
+                raise timeout_error(time_limit_s) from None
         except TooHard:
             if solver == "dp":
                 raise OmpqError(

@@ -1,0 +1,124 @@
+"""A stronger DP bound: BOPs dualised with one multiplier, weight memory kept as a knapsack.
+
+The LP bound of :mod:`dp_bounds` dualises both budgets; on tight budgets with error-shaped
+per-option values its gap can be a few percent of the objective (the fractional layer's next
+width is worth a lot) and the DP then keeps too many states. Here only BOPs is dualised
+(multiplier ``mu >= 0``) and memory stays a constraint, solved as a knapsack over memory units:
+
+``table_k[a][r]`` = the largest sum over the steps after ``k`` of ``value - mu * BOPs`` among
+their configurations whose memory, counted in units of ``q`` bits rounded down per option, is at
+most ``r`` units (``a``: the open act bits, for the steps inside an act group of several layers).
+
+Valid for any ``mu >= 0`` and any ``q``: a configuration that fits ``cap - used`` bits fits
+``floor((cap - used) / q)`` units (a sum of floors never exceeds the floor of the sum), so a
+state (value, memory ``used``, BOPs ``b``) after step ``k`` completes to at most
+``value - mu * b + table_k[a][floor((cap - used) / q)] + mu * bops_cap``. ``q`` is the gcd of
+the options' memories (exact) unless that makes more than ``_MAX_UNITS`` units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from ompq_plugin.allocate.dp_bounds import Step, _bracket, _golden
+
+_MAX_UNITS = 1 << 16  # memory units per table row (a larger gcd-exact count is coarsened)
+
+
+@dataclass
+class MemoryBound:
+    """Per step: (rows, units + 1) tables; one row (any open a) or one per open a."""
+
+    mu: float
+    q: int
+    units: int  # floor(memory cap / q)
+    tables: list[np.ndarray]
+
+    def completion(self, k: int, act: np.ndarray, mem: np.ndarray, cap: int) -> np.ndarray:
+        """The best ``value - mu * BOPs`` the steps after ``k`` can add to these states."""
+        table = self.tables[k]
+        r = np.clip((cap - mem) // self.q, 0, self.units)
+        return table[np.minimum(act, table.shape[0] - 1), r]
+
+
+def memory_quantum(steps: list[Step], cap: int) -> tuple[int, int]:
+    """(q, units): the gcd of the steps' option memories, coarsened to at most _MAX_UNITS."""
+    varying = [int(m) for st in steps if len(set(st.mem.tolist())) > 1 for m in st.mem]
+    q = reduce(math.gcd, varying, 0) or max(cap, 1)
+    if cap // q > _MAX_UNITS:
+        q = -(-cap // _MAX_UNITS)
+    return q, cap // q
+
+
+def _add_item(table: np.ndarray, units: np.ndarray, red: np.ndarray) -> np.ndarray:
+    """Knapsack step: ``new[r] = max_o table[r - units_o] + red_o`` (-inf where none fits)."""
+    new = np.full_like(table, -np.inf)
+    size = len(table)
+    best: dict[int, float] = {}
+    for u, v in zip(units.tolist(), red.tolist(), strict=True):
+        if u < size and v > best.get(u, -math.inf):
+            best[u] = v
+    for u, v in best.items():
+        np.maximum(new[u:], table[: size - u] + v, out=new[u:])
+    return new
+
+
+def _tables(
+    steps: list[Step], a_max: int, mu: float, q: int, units: int, keep: bool
+) -> tuple[float, list[np.ndarray]]:
+    """(bound before step 0 at ``units``, per-step tables if ``keep``); see the module doc."""
+    tail = np.zeros(units + 1)
+    blk = np.zeros((a_max + 1, units + 1))
+    out: list[np.ndarray] = [np.empty((1, 0))] * len(steps)
+    for k in range(len(steps) - 1, -1, -1):
+        st = steps[k]
+        if st.kind == "pair":
+            if keep:
+                out[k] = tail[None]
+            tail = _add_item(tail, st.mem // q, st.value - mu * st.bops)
+        elif st.kind == "member":
+            assert st.ok is not None
+            if st.last:
+                blk = np.repeat(tail[None], a_max + 1, axis=0)
+            if keep:
+                out[k] = blk
+            new = np.full_like(blk, -np.inf)
+            for a in range(a_max + 1):
+                sel = st.ok[:, a]
+                if sel.any():
+                    new[a] = _add_item(
+                        blk[a], st.mem[sel] // q, st.value[sel] - mu * st.bops[sel] * a
+                    )
+            blk = new
+        else:  # open: the state carries a; before it, the best a
+            if keep:
+                out[k] = blk
+            tail = np.max(blk[st.a] + st.value[:, None], axis=0)
+    return float(tail[units]), out
+
+
+def memory_bound(
+    steps: list[Step], a_max: int, caps: tuple[int, int], mu_hint: float, iters: int = 0
+) -> tuple[MemoryBound, float]:
+    """The bound's tables at a (near-)best ``mu`` and its root value (with ``mu * bops_cap``).
+
+    ``mu`` is searched by golden sections from ``mu_hint`` (e.g. the LP multiplier of BOPs);
+    any ``mu`` is valid, a better one only prunes more.
+    """
+    q, units = memory_quantum(steps, caps[0])
+    c1 = max(caps[1], 1)
+
+    def h(v: float) -> float:  # in units of mu * bops_cap, on the objective's scale
+        return _tables(steps, a_max, v / c1, q, units, keep=False)[0] + v
+
+    if iters:
+        start = 2 * mu_hint * c1 if mu_hint > 0 else 1.0
+        v, _ = _golden(h, _bracket(h, start), iters)
+    else:
+        v = mu_hint * c1
+    root, tables = _tables(steps, a_max, v / c1, q, units, keep=True)
+    return MemoryBound(v / c1, q, units, tables), root + v

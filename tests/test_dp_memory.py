@@ -54,10 +54,11 @@ def test_memory_bound_never_below_the_optimum(seed: int, coarse: bool, monkeypat
     steps, a_max = build_steps(problem, prepare(problem), limits)
     caps = (math.floor(limits[0]), math.floor(limits[1]))
     for mu in (0.0, 1e-7, 1e-4, 1e-2):
-        bound, root = dp_memory.memory_bound(steps, a_max, caps, mu)
+        bound = dp_memory.memory_bound(steps, a_max, caps, mu)
+        root = bound.root(caps)
         assert bound.units <= (5 if coarse else caps[0])
         assert root >= best[0] - 1e-9 * max(1.0, abs(best[0]))
-    _, searched = dp_memory.memory_bound(steps, a_max, caps, 1e-6, iters=8)
+    searched = dp_memory.memory_bound(steps, a_max, caps, 1e-6, iters=8).root(caps)
     assert searched >= best[0] - 1e-9 * max(1.0, abs(best[0]))
 
 

@@ -36,7 +36,10 @@ from ompq_plugin.allocate.problem import AllocationProblem, Prepared, budget_lim
 
 _MAX_STATES = 1_500_000  # DP states per step before handing the instance to HiGHS
 _EASY_STATES = 3000  # states per step before adding the memory-knapsack bound
-_GAP_FACTOR = 3.0  # the target's distance below the root bound grows by this per round
+_COVER = 1.05  # a sweep's memory tables cover this times the memory cap ...
+_MU_REUSE = 0.2  # ... and serve while the BOPs multiplier stays this close (relative)
+_GAP_START = 0.7  # a sweep's first gap: this times the previous point's
+_GAP_FACTOR = 2.0  # the target's distance below the root bound grows by this per round
 _BOUND_SLACK = 1e-9  # relative: a bound this close below the target keeps its state
 
 
@@ -187,6 +190,26 @@ class DpCache:
     steps: list[Step] | None = None
     a_max: int = 0
     lam: tuple[float, float] | None = None
+    gap: float = 0.0  # (root bound - optimum) / scale of the previous solve
+    mbound: MemoryBound | None = None  # its tables, reused while they cover the memory cap
+
+
+def _memory_bound(
+    steps: list[Step],
+    a_max: int,
+    caps: tuple[int, int],
+    mu: float,
+    cache: DpCache | None,
+) -> MemoryBound:
+    """The memory-knapsack bound at ``mu``, or the cached one when it covers this memory cap
+    and its multiplier is within ``_MU_REUSE`` of ``mu`` (any multiplier is valid)."""
+    old = cache.mbound if cache is not None else None
+    if old is not None and old.covers(caps[0]) and abs(old.mu - mu) <= _MU_REUSE * mu:
+        return old
+    bound = memory_bound(steps, a_max, caps, mu, cover=int(caps[0] * _COVER))
+    if cache is not None:
+        cache.mbound = bound
+    return bound
 
 
 def solve_dp(
@@ -222,7 +245,7 @@ def solve_dp(
             ):
                 raise TooHard  # BOPs could overflow int64: leave it to HiGHS
         if cache is not None:
-            cache.key, cache.steps, cache.a_max = key, steps, a_max
+            cache.key, cache.steps, cache.a_max, cache.mbound = key, steps, a_max, None
     lam = lagrangian(steps, caps, on, cache.lam if cache is not None else None)
     if cache is not None:
         cache.lam = lam
@@ -239,6 +262,12 @@ def solve_dp(
     best = _Found(incumbent[0], list(incumbent[1])) if incumbent is not None else None
     mbound: MemoryBound | None = None
     max_states = _EASY_STATES if on[0] else _MAX_STATES
+    if cache is not None:  # a sweep: the memory tables serve many points; start near the
+        # previous point's gap
+        gap = max(gap, _GAP_START * cache.gap * scale)
+        if on[0]:
+            mbound = _memory_bound(steps, a_max, caps, lam[1], cache)
+            root, max_states = min(root, mbound.root(caps)), _MAX_STATES
     while True:
         target = root - gap
         if best is not None:
@@ -262,12 +291,14 @@ def solve_dp(
             if max_states == _MAX_STATES:
                 raise
             # a hard instance: the memory-knapsack bound prunes far more (and costs more)
-            mbound, root_m = memory_bound(steps, a_max, caps, lam[1])
-            root, max_states, gap = min(root, root_m), _MAX_STATES, 1e-6 * scale
+            mbound = _memory_bound(steps, a_max, caps, lam[1], cache)
+            root, max_states, gap = min(root, mbound.root(caps)), _MAX_STATES, 1e-6 * scale
             continue
         if found is not None and (best is None or found.value > best.value):
             best = found
         if best is not None and best.value >= target - slack:
+            if cache is not None:
+                cache.gap = max(root - best.value, 0.0) / scale
             return best.choice
         if target == -math.inf:
             raise jointly_infeasible(problem)

@@ -35,8 +35,16 @@ class MemoryBound:
 
     mu: float
     q: int
-    units: int  # floor(memory cap / q)
+    units: int  # the largest memory (in units) the tables cover
     tables: list[np.ndarray]
+    first: np.ndarray  # before step 0: the whole problem's table
+
+    def covers(self, cap: int) -> bool:
+        return cap // self.q <= self.units
+
+    def root(self, caps: tuple[int, int]) -> float:
+        """The bound of the whole problem under ``caps`` (memory, BOPs); needs ``covers``."""
+        return float(self.first[caps[0] // self.q]) + self.mu * caps[1]
 
     def completion(self, k: int, act: np.ndarray, mem: np.ndarray, cap: int) -> np.ndarray:
         """The best ``value - mu * BOPs`` the steps after ``k`` can add to these states."""
@@ -69,8 +77,8 @@ def _add_item(table: np.ndarray, units: np.ndarray, red: np.ndarray) -> np.ndarr
 
 def _tables(
     steps: list[Step], a_max: int, mu: float, q: int, units: int, keep: bool
-) -> tuple[float, list[np.ndarray]]:
-    """(bound before step 0 at ``units``, per-step tables if ``keep``); see the module doc."""
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the table before step 0, per-step tables if ``keep``); see the module doc."""
     tail = np.zeros(units + 1)
     blk = np.zeros((a_max + 1, units + 1))
     out: list[np.ndarray] = [np.empty((1, 0))] * len(steps)
@@ -98,27 +106,31 @@ def _tables(
             if keep:
                 out[k] = blk
             tail = np.max(blk[st.a] + st.value[:, None], axis=0)
-    return float(tail[units]), out
+    return tail, out
 
 
 def memory_bound(
-    steps: list[Step], a_max: int, caps: tuple[int, int], mu_hint: float, iters: int = 0
-) -> tuple[MemoryBound, float]:
-    """The bound's tables at a (near-)best ``mu`` and its root value (with ``mu * bops_cap``).
-
-    ``mu`` is searched by golden sections from ``mu_hint`` (e.g. the LP multiplier of BOPs);
-    any ``mu`` is valid, a better one only prunes more.
-    """
-    q, units = memory_quantum(steps, caps[0])
+    steps: list[Step],
+    a_max: int,
+    caps: tuple[int, int],
+    mu_hint: float,
+    iters: int = 0,
+    cover: int = 0,
+) -> MemoryBound:
+    """The bound's tables at ``mu_hint`` (or, with ``iters``, at a ``mu`` searched by golden
+    sections from it: any ``mu`` is valid, a better one only prunes more), covering memory
+    caps up to ``max(caps[0], cover)`` (a sweep reuses them for the next budgets)."""
+    q, units = memory_quantum(steps, max(caps[0], cover))
     c1 = max(caps[1], 1)
+    at = caps[0] // q
 
     def h(v: float) -> float:  # in units of mu * bops_cap, on the objective's scale
-        return _tables(steps, a_max, v / c1, q, units, keep=False)[0] + v
+        return float(_tables(steps, a_max, v / c1, q, units, keep=False)[0][at]) + v
 
     if iters:
         start = 2 * mu_hint * c1 if mu_hint > 0 else 1.0
         v, _ = _golden(h, _bracket(h, start), iters)
     else:
         v = mu_hint * c1
-    root, tables = _tables(steps, a_max, v / c1, q, units, keep=True)
-    return MemoryBound(v / c1, q, units, tables), root + v
+    first, tables = _tables(steps, a_max, v / c1, q, units, keep=True)
+    return MemoryBound(v / c1, q, units, tables, first)

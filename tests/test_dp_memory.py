@@ -83,3 +83,38 @@ def test_dp_with_memory_bound_at_and_just_below_each_budget(
         result = solve(p, solver="dp")
         assert fits(p, result.weight_bits, result.act_bits)
         assert result.objective == pytest.approx(reference[0], rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [5, 40, 64, 65, 300])  # pair by pair up to 64, then sweeps
+def test_dominance_keeps_every_undominated_state_and_one_of_each_duplicate(n: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(n)
+    value = rng.integers(0, 6, n).astype(float)  # few levels: ties and duplicates
+    mem, bops, act = (rng.integers(0, 6, n) for _ in range(3))
+    act = act % 2
+    kept = set(dp._undominated_states(value, mem, bops, act).tolist())
+    key = list(zip(value, mem, bops, act, strict=True))
+    for i in range(n):
+        dominated = any(
+            act[j] == act[i]
+            and value[j] >= value[i]
+            and mem[j] <= mem[i]
+            and bops[j] <= bops[i]
+            and key[j] != key[i]
+            for j in range(n)
+        )
+        if not dominated:  # kept, or an exact duplicate of a kept state
+            assert i in kept or any(key[j] == key[i] for j in kept)
+    if n > dp._PAIRWISE:
+        return  # two sweeps by sort order: not every dominated state is found (by design)
+    for i in kept:  # pair by pair: nothing kept is dominated, and duplicates are kept once
+        assert not any(
+            act[j] == act[i]
+            and value[j] >= value[i]
+            and mem[j] <= mem[i]
+            and bops[j] <= bops[i]
+            and key[j] != key[i]
+            for j in kept
+        )
+    assert len({key[i] for i in kept}) == len(kept)

@@ -40,6 +40,7 @@ _COVER = 1.05  # a sweep's memory tables cover this times the memory cap ...
 _MU_REUSE = 0.2  # ... and serve while the BOPs multiplier stays this close (relative)
 _GAP_START = 0.7  # a sweep's first gap: this times the previous point's
 _GAP_FACTOR = 2.0  # the target's distance below the root bound grows by this per round
+_PAIRWISE = 64  # up to this many states, dominance is checked pair by pair
 _BOUND_SLACK = 1e-9  # relative: a bound this close below the target keeps its state
 
 
@@ -55,8 +56,22 @@ def _undominated_states(
     A state is dropped only for a state with the same open act bits that has at least its value
     and at most its memory and BOPs (every completion of the one completes the other at least as
     well). Checked against the best-valued earlier state in two sweeps (by memory, by BOPs): not
-    every dominated state is found, but every state dropped is dominated.
+    every dominated state is found, but every state dropped is dominated. Up to _PAIRWISE
+    states, every pair is compared instead (all dominated states found; cheaper there).
     """
+    n = len(value)
+    if n <= _PAIRWISE:
+        idx = np.arange(n)
+        # beats[j, i]: state j dominates state i (ties: the earlier one stays)
+        beats = (act[:, None] == act) & (value[:, None] >= value)
+        beats &= (mem[:, None] <= mem) & (bops[:, None] <= bops)
+        beats &= (
+            (value[:, None] > value)
+            | (mem[:, None] < mem)
+            | (bops[:, None] < bops)
+            | (idx[:, None] < idx)
+        )
+        return np.flatnonzero(~beats.any(axis=0))
     order = np.lexsort((-value, bops, mem, act))
     v, m, b, a = value[order], mem[order], bops[order], act[order]
     first = np.ones(len(v), dtype=bool)

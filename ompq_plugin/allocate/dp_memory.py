@@ -27,6 +27,7 @@ import numpy as np
 from ompq_plugin.allocate.dp_bounds import Step, _bracket, _golden
 
 _MAX_UNITS = 1 << 16  # memory units per table row (a larger gcd-exact count is coarsened)
+_MAX_CELLS = 1 << 23  # numbers in all the tables together (64 MiB)
 
 
 @dataclass
@@ -53,12 +54,15 @@ class MemoryBound:
         return table[np.minimum(act, table.shape[0] - 1), r]
 
 
-def memory_quantum(steps: list[Step], cap: int) -> tuple[int, int]:
-    """(q, units): the gcd of the steps' option memories, coarsened to at most _MAX_UNITS."""
+def memory_quantum(steps: list[Step], a_max: int, cap: int) -> tuple[int, int]:
+    """(q, units): the gcd of the steps' option memories, coarsened to at most _MAX_UNITS
+    units and to tables of at most _MAX_CELLS numbers in all."""
     varying = [int(m) for st in steps if len(set(st.mem.tolist())) > 1 for m in st.mem]
     q = reduce(math.gcd, varying, 0) or max(cap, 1)
-    if cap // q > _MAX_UNITS:
-        q = -(-cap // _MAX_UNITS)
+    rows = sum(1 if st.kind == "pair" else a_max + 1 for st in steps) + 1
+    most = max(min(_MAX_UNITS, _MAX_CELLS // rows), 1)
+    if cap // q > most:
+        q = -(-cap // most)
     return q, cap // q
 
 
@@ -120,7 +124,7 @@ def memory_bound(
     """The bound's tables at ``mu_hint`` (or, with ``iters``, at a ``mu`` searched by golden
     sections from it: any ``mu`` is valid, a better one only prunes more), covering memory
     caps up to ``max(caps[0], cover)`` (a sweep reuses them for the next budgets)."""
-    q, units = memory_quantum(steps, max(caps[0], cover))
+    q, units = memory_quantum(steps, a_max, max(caps[0], cover))
     c1 = max(caps[1], 1)
     at = caps[0] // q
 

@@ -4,7 +4,9 @@ Measured on 90 ResNet-50 instances (``bench/results/solvers.json``): with the li
 objective the DP was the fastest exact method on 56 of 60 instances (the other 4 within 0.1 s)
 and HiGHS left some unproven at 10 s; with error-shaped per-option values HiGHS proved all 30
 and the DP timed out on 4. So "auto" runs the DP on Eq. 10 problems (HiGHS when the DP's
-states outgrow its limit) and HiGHS on per-option problems.
+states outgrow its limit) and HiGHS on per-option problems -- except in a sweep
+(``dp_first``), where the DP's reused tables and incumbents make it the faster on per-option
+problems too (``bench/results/sweep_time.json``).
 """
 
 from __future__ import annotations

@@ -305,16 +305,25 @@ def sweep_profile(every: int = 10) -> dict:
     }
 
 
-def _resnet50_problem(method: str, seed: int, **search: object):
-    """The allocation problem of one ResNet-50 search (random weights, N = 8 images)."""
+def _resnet50_problem(method: str, seed: int, real: bool = False, **search: object):
+    """The allocation problem of one ResNet-50 search: random weights and N = 8 images of
+    noise, or (``real``) the data folder's weights and N = 64 of its images, as
+    ``bench/search_speed.py``'s sweep."""
     import torch
 
+    from ompq_plugin.data import resolve_data_dir, search_samples
     from ompq_plugin.models import build_model
     from ompq_plugin.searcher import run_search
 
     torch.manual_seed(seed)
-    model, _ = build_model("resnet50")
-    images = torch.randn(8, 3, 224, 224)
+    if real:
+        data_dir = resolve_data_dir(None)
+        model, spec = build_model("resnet50", data_dir=data_dir)
+        images = search_samples(data_dir, spec, 64, seed=seed)
+        search = {"model_name": "resnet50", **search}
+    else:
+        model, _ = build_model("resnet50")
+        images = torch.randn(8, 3, 224, 224)
     weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
     result = run_search(
         model, images, "generic", method=method, weight_bits=weights, act_bits=acts, **search
@@ -337,6 +346,7 @@ def sweep_time(highs_sweep: bool = True) -> dict:
     cases = [
         ("ompq-noise", 0, {}),  # the default method (beta 0)
         ("ompq-noise", 1, {}),  # another draw of the random weights and images
+        ("ompq-noise", 0, {"real": True}),  # search_speed.py's sweep: real weights, N = 64
     ]
     rows = []
     for method, seed, search in cases:
@@ -391,7 +401,8 @@ def sweep_time(highs_sweep: bool = True) -> dict:
     hard = _eq10_pointwise(EQ10_POINT_LIMIT_S)
     print(json.dumps(hard), file=sys.stderr)
     return {
-        "model": "resnet50 (random weights, N = 8 images of noise)",
+        "model": "resnet50 (random weights, N = 8 images of noise; real: weights and N = 64 "
+        "images of the data folder)",
         "layers": len(problem.layers),
         "choices": "weight 2..8, act 2/4/6/8; first and last layer pinned 8/8",
         "line": "memory 2.6 -> 8 bits per weight, BOPs 8 -> 64 x MACs, 100 points",

@@ -1,4 +1,4 @@
-"""The memory-knapsack bound of the DP (dp_memory) against brute force on tiny instances.
+"""The knapsack bounds of the DP (dp_memory) against brute force on tiny instances.
 
 The bound must never fall below the best feasible objective, for any multiplier and any memory
 unit (exact gcd units and coarsened ones); and the DP with this bound switched on from the first
@@ -41,9 +41,12 @@ def _best(problem, per_option: bool):
     return brute(problem) if per_option else brute_force(problem)
 
 
+@pytest.mark.parametrize("exact", [0, 1])  # memory or BOPs kept as the knapsack
 @pytest.mark.parametrize("coarse", [False, True])
 @pytest.mark.parametrize("seed", range(16))
-def test_memory_bound_never_below_the_optimum(seed: int, coarse: bool, monkeypatch) -> None:
+def test_knapsack_bound_never_below_the_optimum(
+    seed: int, coarse: bool, exact: int, monkeypatch
+) -> None:
     problem, per_option = _instance(seed)
     best = _best(problem, per_option)
     if best is None:
@@ -54,11 +57,11 @@ def test_memory_bound_never_below_the_optimum(seed: int, coarse: bool, monkeypat
     steps, a_max = build_steps(problem, prepare(problem), limits)
     caps = (math.floor(limits[0]), math.floor(limits[1]))
     for mu in (0.0, 1e-7, 1e-4, 1e-2):
-        bound = dp_memory.memory_bound(steps, a_max, caps, mu)
+        bound = dp_memory.memory_bound(steps, a_max, caps, mu, exact=exact)
         root = bound.root(caps)
-        assert bound.units <= (5 if coarse else caps[0])
+        assert bound.units <= (5 if coarse else caps[exact])
         assert root >= best[0] - 1e-9 * max(1.0, abs(best[0]))
-    searched = dp_memory.memory_bound(steps, a_max, caps, 1e-6, iters=8).root(caps)
+    searched = dp_memory.memory_bound(steps, a_max, caps, 1e-6, iters=8, exact=exact).root(caps)
     assert searched >= best[0] - 1e-9 * max(1.0, abs(best[0]))
 
 

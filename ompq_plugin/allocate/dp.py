@@ -13,10 +13,11 @@
   configurations whose objectives agree to about ``1e-12`` relative (float rounding) are treated
   as equal -- either may be returned.
 * The bound is the LP (Lagrangian) bound of :mod:`dp_bounds`; once the states of one step
-  exceed ``_EASY_STATES`` (a tight budget where that bound is loose), the search restarts with
-  the memory-knapsack bound of :mod:`dp_memory` added (BOPs dualised, memory exact: on the
-  ResNet-50 sweep it cut the gap to the optimum 6-30-fold and the slowest point from 63 s to
-  about 1 s). The target then falls by ``_GAP_FACTOR`` per round.
+  exceed ``_EASY_STATES`` (a tight budget where that bound is loose), and in a sweep from the
+  start, the knapsack bounds of :mod:`dp_memory` are added (one budget kept exact, the other
+  priced; one bound per finite budget): on the ResNet-50 sweep of ``bench/solvers.py
+  --sweep-time`` they cut the gap to the optimum up to 30-fold and the slowest point from
+  63 s to under 1.5 s. The target then falls by ``_GAP_FACTOR`` per round.
 * If the states of one step exceed ``_MAX_STATES`` (a hard instance), :class:`TooHard` hands the
   problem to the integer program. The deadline is checked between steps.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -122,7 +123,7 @@ def _dp(
     target: float,
     slack: float,
     deadline: float,
-    mbound: MemoryBound | None = None,
+    mbounds: tuple[MemoryBound, ...] = (),
     max_states: int = _MAX_STATES,
 ) -> _Found | None:
     """Best configuration among states whose bound reaches ``target - slack`` (None: none).
@@ -159,9 +160,8 @@ def _dp(
         for lam, suf, off in zip(lams, suffixes, offsets, strict=True):
             bound = value - lam[0] * mem - lam[1] * bops + suf.bound[k][act] + off
             keep &= bound >= target - slack
-        if mbound is not None:
-            done = value - mbound.mu * bops + mbound.mu * caps[1]
-            keep &= done + mbound.completion(k, act, mem, caps[0]) >= target - slack
+        for mb in mbounds:
+            keep &= mb.bound(k, value, act, (mem, bops), caps) >= target - slack
         if st.kind == "member" and st.last:
             act = np.zeros_like(act)
         sel = np.flatnonzero(keep)
@@ -206,25 +206,36 @@ class DpCache:
     a_max: int = 0
     lam: tuple[float, float] | None = None
     gap: float = 0.0  # (root bound - optimum) / scale of the previous solve
-    mbound: MemoryBound | None = None  # its tables, reused while they cover the memory cap
+    # the knapsack bounds' tables (by the resource kept exact), reused while they cover it
+    mbounds: dict[int, MemoryBound] = field(default_factory=dict)
 
 
-def _memory_bound(
+def _knapsack_bounds(
     steps: list[Step],
     a_max: int,
     caps: tuple[int, int],
-    mu: float,
+    on: tuple[bool, bool],
+    lam: tuple[float, float],
     cache: DpCache | None,
-) -> MemoryBound:
-    """The memory-knapsack bound at ``mu``, or the cached one when it covers this memory cap
-    and its multiplier is within ``_MU_REUSE`` of ``mu`` (any multiplier is valid)."""
-    old = cache.mbound if cache is not None else None
-    if old is not None and old.covers(caps[0]) and abs(old.mu - mu) <= _MU_REUSE * mu:
-        return old
-    bound = memory_bound(steps, a_max, caps, mu, cover=int(caps[0] * _COVER))
-    if cache is not None:
-        cache.mbound = bound
-    return bound
+) -> tuple[MemoryBound, ...]:
+    """The knapsack bounds of :mod:`dp_memory`, one per finite budget kept exact (the other
+    priced at its LP multiplier). A cached one serves while it covers the cap and its
+    multiplier is within ``_MU_REUSE`` of the new one (any multiplier is valid)."""
+    out = []
+    for exact in (0, 1):
+        if not on[exact]:
+            continue
+        mu = lam[1 - exact]
+        old = cache.mbounds.get(exact) if cache is not None else None
+        if old is not None and old.covers(caps) and abs(old.mu - mu) <= _MU_REUSE * mu:
+            out.append(old)
+            continue
+        cover = int(caps[exact] * _COVER)
+        bound = memory_bound(steps, a_max, caps, mu, cover=cover, exact=exact)
+        if cache is not None:
+            cache.mbounds[exact] = bound
+        out.append(bound)
+    return tuple(out)
 
 
 def solve_dp(
@@ -260,7 +271,7 @@ def solve_dp(
             ):
                 raise TooHard  # BOPs could overflow int64: leave it to HiGHS
         if cache is not None:
-            cache.key, cache.steps, cache.a_max, cache.mbound = key, steps, a_max, None
+            cache.key, cache.steps, cache.a_max, cache.mbounds = key, steps, a_max, {}
     lam = lagrangian(steps, caps, on, cache.lam if cache is not None else None)
     if cache is not None:
         cache.lam = lam
@@ -275,14 +286,14 @@ def solve_dp(
     slack = _BOUND_SLACK * scale
     gap = 1e-6 * scale
     best = _Found(incumbent[0], list(incumbent[1])) if incumbent is not None else None
-    mbound: MemoryBound | None = None
-    max_states = _EASY_STATES if on[0] else _MAX_STATES
+    mbounds: tuple[MemoryBound, ...] = ()
+    max_states = _EASY_STATES if on[0] or on[1] else _MAX_STATES
     if cache is not None:  # a sweep: the memory tables serve many points; start near the
         # previous point's gap
         gap = max(gap, _GAP_START * cache.gap * scale)
-        if on[0]:
-            mbound = _memory_bound(steps, a_max, caps, lam[1], cache)
-            root, max_states = min(root, mbound.root(caps)), _MAX_STATES
+        if on[0] or on[1]:
+            mbounds = _knapsack_bounds(steps, a_max, caps, on, lam, cache)
+            root, max_states = min([root, *(mb.root(caps) for mb in mbounds)]), _MAX_STATES
     while True:
         target = root - gap
         if best is not None:
@@ -299,15 +310,16 @@ def solve_dp(
                 target,
                 slack,
                 deadline,
-                mbound,
+                mbounds,
                 max_states,
             )
         except TooHard:
             if max_states == _MAX_STATES:
                 raise
-            # a hard instance: the memory-knapsack bound prunes far more (and costs more)
-            mbound = _memory_bound(steps, a_max, caps, lam[1], cache)
-            root, max_states, gap = min(root, mbound.root(caps)), _MAX_STATES, 1e-6 * scale
+            # a hard instance: the knapsack bounds prune far more (and cost more)
+            mbounds = _knapsack_bounds(steps, a_max, caps, on, lam, cache)
+            root = min([root, *(mb.root(caps) for mb in mbounds)])
+            max_states, gap = _MAX_STATES, 1e-6 * scale
             continue
         if found is not None and (best is None or found.value > best.value):
             best = found

@@ -14,6 +14,9 @@ Valid for any ``mu >= 0`` and any ``q``: a configuration that fits ``cap - used`
 state (value, memory ``used``, BOPs ``b``) after step ``k`` completes to at most
 ``value - mu * b + table_k[a][floor((cap - used) / q)] + mu * bops_cap``. ``q`` is the gcd of
 the options' memories (exact) unless that makes more than ``_MAX_UNITS`` units.
+
+The same with the roles swapped (``exact=1``: BOPs kept as the knapsack, memory dualised)
+bounds the points where BOPs binds harder, e.g. the wide end of a sweep; the DP can use both.
 """
 
 from __future__ import annotations
@@ -34,30 +37,47 @@ _MAX_CELLS = 1 << 23  # numbers in all the tables together (64 MiB)
 class MemoryBound:
     """Per step: (rows, units + 1) tables; one row (any open a) or one per open a."""
 
-    mu: float
+    mu: float  # the multiplier of the dualised resource
     q: int
-    units: int  # the largest memory (in units) the tables cover
+    units: int  # the largest use of the exact resource (in units) the tables cover
     tables: list[np.ndarray]
     first: np.ndarray  # before step 0: the whole problem's table
+    exact: int = 0  # the resource kept exact: 0 memory, 1 BOPs
 
-    def covers(self, cap: int) -> bool:
-        return cap // self.q <= self.units
+    def covers(self, caps: tuple[int, int]) -> bool:
+        return caps[self.exact] // self.q <= self.units
 
     def root(self, caps: tuple[int, int]) -> float:
         """The bound of the whole problem under ``caps`` (memory, BOPs); needs ``covers``."""
-        return float(self.first[caps[0] // self.q]) + self.mu * caps[1]
+        return float(self.first[caps[self.exact] // self.q]) + self.mu * caps[1 - self.exact]
 
-    def completion(self, k: int, act: np.ndarray, mem: np.ndarray, cap: int) -> np.ndarray:
-        """The best ``value - mu * BOPs`` the steps after ``k`` can add to these states."""
+    def bound(
+        self, k: int, value: np.ndarray, act: np.ndarray, used: tuple[np.ndarray, np.ndarray],
+        caps: tuple[int, int],
+    ) -> np.ndarray:  # fmt: skip
+        """The most these states (value, act, (memory, BOPs) used after step ``k``) reach."""
+        e = self.exact
         table = self.tables[k]
-        r = np.clip((cap - mem) // self.q, 0, self.units)
-        return table[np.minimum(act, table.shape[0] - 1), r]
+        r = np.clip((caps[e] - used[e]) // self.q, 0, self.units)
+        done = value - self.mu * used[1 - e] + self.mu * caps[1 - e]
+        return done + table[np.minimum(act, table.shape[0] - 1), r]
 
 
-def memory_quantum(steps: list[Step], a_max: int, cap: int) -> tuple[int, int]:
-    """(q, units): the gcd of the steps' option memories, coarsened to at most _MAX_UNITS
+def _resources(st: Step, a: int, exact: int) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, dualised) resource of each option of ``st`` (a member's BOPs at act bits a)."""
+    bops = st.bops * a if st.kind == "member" else st.bops
+    return (st.mem, bops) if exact == 0 else (bops, st.mem)
+
+
+def memory_quantum(steps: list[Step], a_max: int, cap: int, exact: int = 0) -> tuple[int, int]:
+    """(q, units): the gcd of the options' exact resource, coarsened to at most _MAX_UNITS
     units and to tables of at most _MAX_CELLS numbers in all."""
-    varying = [int(m) for st in steps if len(set(st.mem.tolist())) > 1 for m in st.mem]
+    varying = []
+    for st in steps:
+        for a in range(1, a_max + 1) if st.kind == "member" else (1,):
+            res = _resources(st, a, exact)[0].tolist()
+            if len(set(res)) > 1:
+                varying += res
     q = reduce(math.gcd, varying, 0) or max(cap, 1)
     rows = sum(1 if st.kind == "pair" else a_max + 1 for st in steps) + 1
     most = max(min(_MAX_UNITS, _MAX_CELLS // rows), 1)
@@ -80,7 +100,7 @@ def _add_item(table: np.ndarray, units: np.ndarray, red: np.ndarray) -> np.ndarr
 
 
 def _tables(
-    steps: list[Step], a_max: int, mu: float, q: int, units: int, keep: bool
+    steps: list[Step], a_max: int, mu: float, q: int, units: int, keep: bool, exact: int = 0
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(the table before step 0, per-step tables if ``keep``); see the module doc."""
     tail = np.zeros(units + 1)
@@ -91,7 +111,8 @@ def _tables(
         if st.kind == "pair":
             if keep:
                 out[k] = tail[None]
-            tail = _add_item(tail, st.mem // q, st.value - mu * st.bops)
+            res, dual = _resources(st, 1, exact)
+            tail = _add_item(tail, res // q, st.value - mu * dual)
         elif st.kind == "member":
             assert st.ok is not None
             if st.last:
@@ -102,9 +123,8 @@ def _tables(
             for a in range(a_max + 1):
                 sel = st.ok[:, a]
                 if sel.any():
-                    new[a] = _add_item(
-                        blk[a], st.mem[sel] // q, st.value[sel] - mu * st.bops[sel] * a
-                    )
+                    res, dual = _resources(st, a, exact)
+                    new[a] = _add_item(blk[a], res[sel] // q, st.value[sel] - mu * dual[sel])
             blk = new
         else:  # open: the state carries a; before it, the best a
             if keep:
@@ -120,21 +140,22 @@ def memory_bound(
     mu_hint: float,
     iters: int = 0,
     cover: int = 0,
+    exact: int = 0,
 ) -> MemoryBound:
     """The bound's tables at ``mu_hint`` (or, with ``iters``, at a ``mu`` searched by golden
     sections from it: any ``mu`` is valid, a better one only prunes more), covering memory
     caps up to ``max(caps[0], cover)`` (a sweep reuses them for the next budgets)."""
-    q, units = memory_quantum(steps, a_max, max(caps[0], cover))
-    c1 = max(caps[1], 1)
-    at = caps[0] // q
+    q, units = memory_quantum(steps, a_max, max(caps[exact], cover), exact)
+    c1 = max(caps[1 - exact], 1)
+    at = caps[exact] // q
 
-    def h(v: float) -> float:  # in units of mu * bops_cap, on the objective's scale
-        return float(_tables(steps, a_max, v / c1, q, units, keep=False)[0][at]) + v
+    def h(v: float) -> float:  # in units of mu * dualised cap, on the objective's scale
+        return float(_tables(steps, a_max, v / c1, q, units, False, exact)[0][at]) + v
 
     if iters:
         start = 2 * mu_hint * c1 if mu_hint > 0 else 1.0
         v, _ = _golden(h, _bracket(h, start), iters)
     else:
         v = mu_hint * c1
-    first, tables = _tables(steps, a_max, v / c1, q, units, keep=True)
-    return MemoryBound(v / c1, q, units, tables, first)
+    first, tables = _tables(steps, a_max, v / c1, q, units, True, exact)
+    return MemoryBound(v / c1, q, units, tables, first, exact)

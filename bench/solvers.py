@@ -305,6 +305,151 @@ def sweep_profile(every: int = 10) -> dict:
     }
 
 
+def _resnet50_problem(method: str, seed: int, real: bool = False, **search: object):
+    """The allocation problem of one ResNet-50 search: random weights and N = 8 images of
+    noise, or (``real``) the data folder's weights and N = 64 of its images, as
+    ``bench/search_speed.py``'s sweep."""
+    import torch
+
+    from ompq_plugin.data import resolve_data_dir, search_samples
+    from ompq_plugin.models import build_model
+    from ompq_plugin.searcher import run_search
+
+    torch.manual_seed(seed)
+    if real:
+        data_dir = resolve_data_dir(None)
+        model, spec = build_model("resnet50", data_dir=data_dir)
+        images = search_samples(data_dir, spec, 64, seed=seed)
+        search = {"model_name": "resnet50", **search}
+    else:
+        model, _ = build_model("resnet50")
+        images = torch.randn(8, 3, 224, 224)
+    weights, acts = (2, 3, 4, 5, 6, 7, 8), (2, 4, 6, 8)
+    result = run_search(
+        model, images, "generic", method=method, weight_bits=weights, act_bits=acts, **search
+    )
+    return result.problem, result.layers.total_params, result.layers.total_macs
+
+
+def sweep_time(highs_sweep: bool = True) -> dict:
+    """The issue-11 figure: one search, then the 100-budget ResNet-50 line of
+    :func:`sweep_profile` solved to proven optimality by ``allocate.sweep`` (wall and CPU
+    seconds of the whole sweep). Every 11th point is re-solved cold by HiGHS (objective and
+    time); ``highs_sweep`` also times the same 100 points solved by HiGHS one by one (what the
+    sweep did before the DP took per-option problems)."""
+    import torch
+
+    from ompq_plugin.allocate import budget_line, solve, sweep
+    from ompq_plugin.budgets import Budgets
+
+    torch.set_num_threads(1)
+    cases = [
+        ("ompq-noise", 0, {}),  # the default method (beta 0)
+        ("ompq-noise", 1, {}),  # another draw of the random weights and images
+        ("ompq-noise", 0, {"real": True}),  # search_speed.py's sweep: real weights, N = 64
+    ]
+    rows = []
+    for method, seed, search in cases:
+        problem, params, macs = _resnet50_problem(method, seed, **search)
+        line = budget_line(Budgets(2.6 * params, 8 * macs), Budgets(8 * params, 64 * macs), 100)
+        sweep(problem, line[:2])  # imports and first-call costs out of the timing
+        load = os.getloadavg()[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        points = sweep(problem, line, 60)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        per_point = sorted(p.allocation.solve_s for p in points)
+        checks = []
+        for j in range(0, len(line), 11):
+            t = time.perf_counter()
+            cold = solve(replace(problem, budgets=line[j]), 120, solver="highs")
+            got = points[j].allocation.objective
+            checks.append(
+                {
+                    "point": j,
+                    "sweep_objective": got,
+                    "highs_objective": cold.objective,
+                    "relative_difference": (got - cold.objective) / abs(cold.objective),
+                    "highs_s": time.perf_counter() - t,
+                }
+            )
+        row = {
+            "method": method,
+            "seed": seed,
+            **search,
+            "points": len(points),
+            "sweep_wall_s": wall,
+            "sweep_cpu_s": cpu,
+            "per_point_median_s": per_point[len(per_point) // 2],
+            "per_point_max_s": per_point[-1],
+            "solvers": sorted({p.allocation.solver for p in points}),
+            "front_monotone": all(
+                b.allocation.objective >= a.allocation.objective
+                for a, b in zip(points, points[1:], strict=False)
+            ),
+            "load_average_1min_before": load,
+            "load_average_1min_after": os.getloadavg()[0],
+            "highs_checks": checks,
+        }
+        if highs_sweep and method == "ompq-noise" and seed == 0:
+            t, c = time.perf_counter(), time.process_time()
+            for b in line:
+                solve(replace(problem, budgets=b), 120, solver="highs")
+            row["highs_one_by_one_wall_s"] = time.perf_counter() - t
+            row["highs_one_by_one_cpu_s"] = time.process_time() - c
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "highs_checks"}), file=sys.stderr)
+    hard = _eq10_pointwise(EQ10_POINT_LIMIT_S)
+    print(json.dumps(hard), file=sys.stderr)
+    return {
+        "model": "resnet50 (random weights, N = 8 images of noise; real: weights and N = 64 "
+        "images of the data folder)",
+        "layers": len(problem.layers),
+        "choices": "weight 2..8, act 2/4/6/8; first and last layer pinned 8/8",
+        "line": "memory 2.6 -> 8 bits per weight, BOPs 8 -> 64 x MACs, 100 points",
+        "machine": "2 shared cores, other jobs running; nice -n 5, one thread",
+        "cases": rows,
+        "eq10_pointwise": hard,
+    }
+
+
+EQ10_POINT_LIMIT_S = 2.0
+
+
+def _eq10_pointwise(limit_s: float) -> dict:
+    """Where the sweep is not fast: the Eq. 10 objective (method ``ompq``, beta 1, with the
+    ORM) on the same line. Its near-ties make every exact method slow (HiGHS too: over 60 s
+    at some points); counted here: points proven within ``limit_s`` each, the sweep's DP
+    (cache and incumbent as in ``sweep``) against the DP on cold solves."""
+    from ompq_plugin.allocate import budget_line, solve
+    from ompq_plugin.allocate.dp import DpCache
+    from ompq_plugin.allocate.problem import prepare
+    from ompq_plugin.allocate.solver import solve_prepared
+    from ompq_plugin.budgets import Budgets
+    from ompq_plugin.errors import OmpqError
+
+    problem, params, macs = _resnet50_problem("ompq", 0, beta=1.0)
+    line = budget_line(Budgets(2.6 * params, 8 * macs), Budgets(8 * params, 64 * macs), 100)
+    prep, cache, previous = prepare(problem), DpCache(), None
+    out = {"method": "ompq", "beta": 1.0, "seed": 0, "point_limit_s": limit_s}
+    for name in ("sweep_dp", "cold_dp"):
+        proven, wall = 0, time.perf_counter()
+        for b in line:
+            p = replace(problem, budgets=b)
+            try:
+                if name == "sweep_dp":
+                    previous = solve_prepared(
+                        p, prep, time.perf_counter(), limit_s, incumbent=previous, cache=cache
+                    )
+                else:
+                    solve(p, limit_s, solver="dp")
+                proven += 1
+            except OmpqError:
+                previous = None
+        out[f"{name}_proven"] = proven
+        out[f"{name}_wall_s"] = time.perf_counter() - wall
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--solver")
@@ -314,7 +459,20 @@ def main() -> None:
         action="store_true",
         help="only profile the ResNet-50 sweep -> bench/results/sweep_profile.json",
     )
+    parser.add_argument(
+        "--sweep-time",
+        action="store_true",
+        help="only time the ResNet-50 100-point sweep -> bench/results/sweep_time.json",
+    )
     args = parser.parse_args()
+    if args.sweep_time:
+        out = RESULTS.with_name("sweep_time.json")
+        report = {"measured": time.strftime("%Y-%m-%d %H:%M"), **sweep_time()}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+        return
     if args.sweep_profile:
         out = RESULTS.with_name("sweep_profile.json")
         report = {"measured": time.strftime("%Y-%m-%d %H:%M"), **sweep_profile()}

@@ -162,6 +162,9 @@ def suffix_bounds(steps: list[Step], a_max: int, lam: tuple[float, float]) -> Su
     return Suffix(bound, mem, bops, tail)
 
 
+_HINTED_ITERS = 10  # golden-section steps per multiplier when started near a hint
+
+
 class _Dual:
     """Fast evaluation of the Lagrangian bound ``max_config (obj - lam . used)`` for many lam."""
 
@@ -273,7 +276,7 @@ def lagrangian(
     spread = sum(float(st.value.max() - st.value.min()) for st in steps) + 1.0
     start_u = 2 * hint[0] * c0 if hint and hint[0] > 0 else spread
     start_v = 2 * hint[1] * c1 if hint and hint[1] > 0 else spread
-    iters = 18 if hint else 30  # near a hint, a coarser search bounds as well in practice
+    iters = _HINTED_ITERS if hint else 30  # near a hint, a coarser search bounds about as well
     if on[0] and on[1]:
         best_u: dict[float, float] = {}
 

@@ -120,3 +120,27 @@ def test_weight_errors_at_every_width_equal_the_one_width_reference(
         got = weight_errors(w, WIDTHS, rule)
         for b in WIDTHS:
             assert got[b] == pytest.approx(weight_error(w, b, rule), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("po2", [False, True])
+def test_all_widths_at_once_in_chunks_equal_one_width_at_a_time(po2: bool) -> None:
+    from ompq_plugin.methods.quant_error import quantize_act
+
+    g = torch.Generator().manual_seed(3)
+    top, rest = torch.randn(37, generator=g) * 4, torch.randn(1000, generator=g)
+    thr = 3.0
+    ranges = [act_stats._range(b, True, thr, po2) for b in WIDTHS]
+    got = act_stats._sq_errors([top, rest], ranges, chunk=64)  # parts straddle the chunks
+    for part, row in zip((top, rest), got, strict=True):
+        for b, value in zip(WIDTHS, row, strict=True):
+            ref = float(((quantize_act(part, b, True, thr, po2) - part) ** 2).sum())
+            assert value == pytest.approx(ref, rel=1e-5)
+
+
+def test_a_non_finite_input_is_reported_not_scored() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1))
+    with torch.no_grad():
+        model[0].bias[0] = float("inf")
+    with act_stats.record(model, {"0": [4, 8], "1": [4, 8]}, False) as stats, torch.no_grad():
+        model(torch.rand(2, 3, 4, 4))
+    assert stats.non_finite == "1" and set(stats.errors) == {"0"}

@@ -91,7 +91,7 @@ def build_problem(
     rule = QuantRule(hw.power_of_two_scales, hw.per_channel_weights)
     start = time.perf_counter()
     if method == "ompq-noise":
-        weights = folded_weights(model, names, found.graph_module if found.traced else None)
+        weights = folded_weights(model, names, found.graph if found.traced else None)
         errors = [
             weight_errors(w, lay.weight_choices, rule)
             for w, lay in zip(weights, layers, strict=True)

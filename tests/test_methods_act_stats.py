@@ -123,14 +123,14 @@ def test_weight_errors_at_every_width_equal_the_one_width_reference(
 
 
 @pytest.mark.parametrize("po2", [False, True])
-def test_all_widths_at_once_in_chunks_equal_one_width_at_a_time(po2: bool) -> None:
+def test_the_errors_of_two_parts_at_every_width_equal_the_reference(po2: bool) -> None:
     from ompq_plugin.methods.quant_error import quantize_act
 
     g = torch.Generator().manual_seed(3)
     top, rest = torch.randn(37, generator=g) * 4, torch.randn(1000, generator=g)
     thr = 3.0
     ranges = [act_stats._range(b, True, thr, po2) for b in WIDTHS]
-    got = act_stats._sq_errors([top, rest], ranges, chunk=64)  # parts straddle the chunks
+    got = act_stats._sq_errors([top, rest], ranges)
     for part, row in zip((top, rest), got, strict=True):
         for b, value in zip(WIDTHS, row, strict=True):
             ref = float(((quantize_act(part, b, True, thr, po2) - part) ** 2).sum())
@@ -144,3 +144,17 @@ def test_a_non_finite_input_is_reported_not_scored() -> None:
     with act_stats.record(model, {"0": [4, 8], "1": [4, 8]}, False) as stats, torch.no_grad():
         model(torch.rand(2, 3, 4, 4))
     assert stats.non_finite == "1" and set(stats.errors) == {"0"}
+
+
+def test_weight_errors_in_blocks_of_a_few_widths_equal_all_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ompq_plugin.methods import quant_error
+    from ompq_plugin.methods.quant_error import QuantRule, weight_errors
+
+    w = torch.randn(8, 4, 3, 3)
+    for rule in (QuantRule(False, True), QuantRule(True, False)):
+        whole = weight_errors(w, WIDTHS, rule)
+        monkeypatch.setattr(quant_error, "_BLOCK_ELEMENTS", 3 * w.numel())  # 3 widths a block
+        assert weight_errors(w, WIDTHS, rule) == pytest.approx(whole, rel=1e-12, abs=0)
+        monkeypatch.undo()

@@ -22,6 +22,7 @@ from the exact error is measured in the tests on real ResNet-20 inputs (well bel
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 import weakref
@@ -102,32 +103,23 @@ def _range(bits: int, signed: bool, threshold: float, power_of_two: bool) -> tup
 
 
 def _sq_errors(
-    parts: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int, float]], chunk: int = SAMPLE
+    parts: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int, float]]
 ) -> list[list[float]]:
     """``sum (Q(x) - x)^2`` of each flat tensor of ``parts`` at every (lowest level, highest
-    level, scale) of ``ranges``: all widths at once on a widths x ``chunk`` block (six
-    element-wise passes over it, whatever the number of widths), ``chunk`` elements of the
-    parts laid end to end at a time."""
+    level, scale) of ``ranges``: the parts laid end to end, five element-wise passes per width
+    (the product by the scale fused into the subtraction)."""
     x = torch.cat(list(parts)) if len(parts) > 1 else parts[0]
-    ends = torch.tensor([p.numel() for p in parts]).cumsum(0).tolist()
-    scale = torch.tensor([[r[2]] for r in ranges], dtype=torch.float32)
-    lo = torch.tensor([[r[0]] for r in ranges], dtype=torch.float32)
-    hi = torch.tensor([[r[1]] for r in ranges], dtype=torch.float32)
-    totals = torch.zeros(len(parts), len(ranges), dtype=torch.float64)
-    buf = torch.empty(len(ranges), max(1, min(chunk, x.numel())))
-    for start in range(0, x.numel(), chunk):
-        part = x[start : start + chunk]
-        q = buf[:, : part.numel()]
-        torch.div(part, scale, out=q)
-        q.round_()
-        torch.minimum(q, hi, out=q)
-        torch.maximum(q, lo, out=q)
-        q.mul_(scale).sub_(part).square_()
+    ends = list(itertools.accumulate(p.numel() for p in parts))
+    q = torch.empty_like(x)
+    out = [[0.0] * len(ranges) for _ in parts]
+    for j, (lo, hi, scale) in enumerate(ranges):
+        torch.div(x, scale, out=q)
+        q.round_().clamp_(lo, hi)
+        torch.sub(x, q, alpha=scale, out=q)  # x - Q(x)
+        q.square_()
         for i, (begin, end) in enumerate(zip([0, *ends], ends, strict=False)):
-            a, b = max(begin, start) - start, min(end, start + part.numel()) - start
-            if a < b:
-                totals[i] += q[:, a:b].sum(dim=1)
-    return totals.tolist()
+            out[i][j] = float(q[begin:end].sum())
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -37,9 +37,7 @@ def folded_weights(
     BatchNorm modules are single nodes (the layer discovery's), reused instead of tracing again;
     untraceable models keep their weights.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
-
-    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv, _trace
+    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, _trace
 
     exact = (*SUPPORTED_LAYERS, *FOLDABLE_NORMS)
     if graph is not None and any(  # a subclass may trace differently: trace as quantize does
@@ -53,6 +51,19 @@ def folded_weights(
             graph = None
     modules = dict(model.named_modules())
     out = {name: modules[name].weight.detach() for name in names}
+    with torch.no_grad():  # no autograd record of the folding: only the values are kept
+        _fold_into(out, modules, graph)
+    return [out[name] for name in names]
+
+
+def _fold_into(
+    out: dict[str, torch.Tensor], modules: dict[str, nn.Module], graph: fx.Graph | None
+) -> None:
+    """Replace, in ``out``, each layer's weight by its BatchNorm-folded weight."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv
+
     for node in graph.nodes if graph is not None else ():
         bn = modules.get(str(node.target)) if node.op == "call_module" else None
         prev = node.args[0] if node.args else None
@@ -74,4 +85,3 @@ def folded_weights(
         else:
             w, _ = fuse_conv_bn_weights(layer.weight, layer.bias, *args)
         out[str(prev.target)] = w.detach()
-    return [out[name] for name in names]

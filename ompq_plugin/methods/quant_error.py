@@ -23,6 +23,7 @@ import torch
 
 ACT_PERCENTILE = 99.999  # Brevitas ParamFromRuntimePercentileScaling.high_percentile_q
 _MIN_SCALE = 1e-10  # Brevitas scaling_min_val
+_BLOCK_ELEMENTS = 1 << 22  # float64 elements of one widths x weight block (32 MiB)
 
 
 @dataclass(frozen=True)
@@ -70,31 +71,41 @@ def weight_error(weight: torch.Tensor, bits: int, rule: QuantRule) -> float:
 
 
 def weight_errors(weight: torch.Tensor, bits: Iterable[int], rule: QuantRule) -> dict[int, float]:
-    """:func:`weight_error` at every width of ``bits``: the float64 copy and the peaks are made
-    once, each width then costs five in-place element-wise passes (the same arithmetic)."""
+    """:func:`weight_error` at every width of ``bits`` (the same arithmetic, in float64): the
+    copy and the peaks are made once, then the widths are quantized together on a widths x
+    weight block (a few element-wise passes over it, whatever the number of widths), as many
+    widths per block as keep it under ``_BLOCK_ELEMENTS``."""
+    widths = list(bits)
+    if any(b < 2 for b in widths):
+        raise ValueError(f"bits must be at least 2, got {min(widths)}")
     w = weight.detach().double()
     energy = float((w * w).sum())
+    if energy == 0.0:
+        return dict.fromkeys(widths, 0.0)
+    ones = [1] * (w.dim() - 1)
     if rule.per_channel:
-        peak = w.abs().reshape(w.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+        peak = w.abs().reshape(w.shape[0], -1).amax(dim=1).reshape(-1, *ones)
     else:
-        peak = w.abs().max()
-    buf = torch.empty_like(w)
+        peak = w.abs().max().reshape(1, *ones)
+    if rule.power_of_two:
+        po2 = _po2_ceil(peak)
+        scales = [po2 / 2 ** (b - 1) for b in widths]
+    else:
+        scales = [(peak / (2 ** (b - 1) - 1)).clamp_min(_MIN_SCALE) for b in widths]
+    per_block = max(1, _BLOCK_ELEMENTS // max(w.numel(), 1))
     out: dict[int, float] = {}
-    for b in bits:
-        if b < 2:
-            raise ValueError(f"bits must be at least 2, got {b}")
-        if energy == 0.0:
-            out[b] = 0.0
-            continue
-        if rule.power_of_two:
-            scale = _po2_ceil(peak) / 2 ** (b - 1)
-        else:
-            scale = (peak / (2 ** (b - 1) - 1)).clamp_min(_MIN_SCALE)
-        top = 2 ** (b - 1) - 1
-        torch.div(w, scale, out=buf)
-        buf.round_().clamp_(-top, top).mul_(scale).sub_(w)
-        flat = buf.reshape(-1)
-        out[b] = float(torch.dot(flat, flat)) / energy
+    for first in range(0, len(widths), per_block):
+        group = widths[first : first + per_block]
+        scale = torch.stack(scales[first : first + per_block])  # widths x peak's shape
+        top = torch.tensor([2 ** (b - 1) - 1 for b in group], dtype=torch.float64)
+        top = top.reshape(-1, 1, *ones)
+        q = w / scale
+        q.round_()
+        torch.minimum(q, top, out=q)
+        torch.maximum(q, -top, out=q)
+        q.mul_(scale).sub_(w).square_()
+        sums = q.reshape(len(group), -1).sum(dim=1).tolist()
+        out.update((b, e / energy) for b, e in zip(group, sums, strict=True))
     return out
 
 

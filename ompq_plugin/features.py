@@ -326,9 +326,10 @@ def discover_and_stream(
 
 
 def _all_finite(output: object) -> bool:
-    """Whether every tensor in a model's output (nested tuples, lists, dicts) is finite."""
+    """Whether every tensor in a model's output (nested tuples, lists, dicts) is finite (a
+    finite sum proves it; a sum that overflowed is checked element by element)."""
     return all(
-        math.isfinite(float(t.sum()))
+        math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
         for t in torch.utils._pytree.tree_leaves(output)
         if isinstance(t, torch.Tensor) and t.is_floating_point()
     )

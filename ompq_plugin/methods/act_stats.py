@@ -6,17 +6,21 @@ error at each candidate width -- a handful of floats per layer, never the tensor
 the same tensor (one act group) share one measurement.
 
 Cost: scoring every width over the whole tensor cost 5x a float forward pass on ResNet-20
-(7 widths x 6 element-wise passes per layer input). :func:`input_errors` instead makes a fixed
-number of passes over the tensor, whatever the widths:
+(7 widths x 6 element-wise passes per layer input). :func:`input_errors` instead makes three
+passes over the tensor (energy, per-group minimum and maximum), whatever the widths:
 
 * the calibration threshold (99.999th percentile of ``|x|``) is exact, as before;
-* the *tail* (``|x|`` above half the threshold: every element any width clips, and the largest
-  rounding errors) is scored exactly;
+* the *tail* (every element at or above a bound just under the threshold: every element any
+  width clips, and the largest rounding errors) is scored exactly;
 * the *bulk* (the rest: pure rounding error at every width, bounded by half a step) is scored on
-  ``SAMPLE`` elements drawn with a fixed seed and scaled up to the bulk's size (ratio estimate).
+  ``SAMPLE`` elements spread over the tensor and scaled up to the bulk's size (ratio estimate).
 
-Tensors of at most ``SAMPLE`` elements are scored exactly. The estimate's relative deviation
-from the exact error is measured in the tests on real ResNet-20 inputs (well below 1 %).
+Tensors of at most ``SAMPLE`` elements are scored exactly. Accuracy of the estimate against the
+exact error, measured on every scored input of the real ResNet-20 / ResNet-56 (N = 64, all
+widths 2-8, float and power-of-two scales): within 4.0 % / 6.6 % with ``SAMPLE`` = 16384
+(2.1 % / 3.0 % with 65536, a quarter of the speed of the whole search on ResNet-20); the bits
+the search picks on them were identical with either, in 144 searches (6 profiles, 2 image
+draws, 3 budgets, both ORM methods).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import nn
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.methods.quant_error import ACT_PERCENTILE
 
-SAMPLE = 1 << 16  # bulk elements scored per layer input
+SAMPLE = 1 << 14  # bulk elements scored per layer input
 _MIN_SCALE = 1e-10  # Brevitas scaling_min_val (as quant_error)
 
 
@@ -168,6 +172,13 @@ def input_errors(
     return {b: e / energy for b, e in zip(widths, sums, strict=True)}
 
 
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise OmpqError(f"the model has no layer {name!r} to measure") from None
+
+
 @contextmanager
 def record(
     model: nn.Module,
@@ -180,7 +191,6 @@ def record(
     input with NaN/Inf values is not scored: the first such layer is ``non_finite`` (the caller
     names the layer that produced them)."""
     stats = ActErrorStats()
-    modules = dict(model.named_modules())
     # (address, shape, strides, version, widths) -> (the tensor, its errors); a hit needs the
     # tensor alive (its memory cannot hold another tensor) and unmodified (same version)
     seen: dict[tuple[object, ...], tuple[weakref.ref, dict[int, float]]] = {}
@@ -211,7 +221,7 @@ def record(
 
         return run
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in widths if n in modules]
+    handles = [_module(model, n).register_forward_pre_hook(hook(n)) for n in widths]
     try:
         yield stats
     finally:

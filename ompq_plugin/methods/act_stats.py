@@ -42,6 +42,7 @@ from ompq_plugin.methods.quant_error import ACT_PERCENTILE
 
 SAMPLE = 1 << 14  # bulk elements scored per layer input
 _MIN_SCALE = 1e-10  # Brevitas scaling_min_val (as quant_error)
+_GROUPS = tuple(1 << k for k in range(8, 17))  # group counts _top may split a tensor into
 
 
 class NonFiniteError(ValueError):
@@ -66,9 +67,10 @@ def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
     largest magnitude from below, so only the groups whose peak reaches it are searched.
     A tensor too small or oddly sized for the table comes back whole."""
     n = flat.numel()
-    # ~4096 groups: few enough that ranking the peaks and gathering the hit groups is cheap
-    sizes = (4096, 8192, 16384, 32768, 65536, 2048, 1024, 512, 256)
-    groups = next((g for g in sizes if n % g == 0 and n >= 16 * g and j <= g // 4), 0)
+    fits = [g for g in _GROUPS if n % g == 0 and n >= 16 * g and j <= g // 4]
+    # the fewest groups of at most 256 elements (few peaks to rank, few elements per hit), or
+    # the most groups there are
+    groups = next((g for g in fits if n // g <= 256), fits[-1] if fits else 0)
     if not groups:
         signed = bool(flat.min() < 0)
         return signed, flat, flat.abs() if signed else flat

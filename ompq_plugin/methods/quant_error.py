@@ -102,8 +102,9 @@ def weight_errors(weight: torch.Tensor, bits: Iterable[int], rule: QuantRule) ->
         top = top.reshape(-1, 1, *ones)
         q = w / scale
         q.round_()
-        torch.minimum(q, top, out=q)
-        torch.maximum(q, -top, out=q)
+        if rule.power_of_two:  # |w| / scale reaches top + 1; a float scale stops at top
+            torch.minimum(q, top, out=q)
+            torch.maximum(q, -top, out=q)
         q.mul_(scale).sub_(w).square_()
         sums = q.reshape(len(group), -1).sum(dim=1, dtype=torch.float64).tolist()
         out.update((b, e / energy) for b, e in zip(group, sums, strict=True))

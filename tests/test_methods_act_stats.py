@@ -158,3 +158,24 @@ def test_weight_errors_in_blocks_of_a_few_widths_equal_all_at_once(
         monkeypatch.setattr(quant_error, "_BLOCK_ELEMENTS", 3 * w.numel())  # 3 widths a block
         assert weight_errors(w, WIDTHS, rule) == pytest.approx(whole, rel=1e-12, abs=0)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("po2", [False, True])
+def test_same_shape_weights_scored_together_equal_one_at_a_time(
+    po2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ompq_plugin.methods import quant_error
+    from ompq_plugin.methods.quant_error import QuantRule, many_weight_errors, weight_error
+
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(6, 3, 3, 3, generator=g) * s for s in (1.0, 0.01, 30.0)]
+    weights += [torch.zeros(6, 3, 3, 3), torch.randn(4, 5, generator=g)]
+    bits = [WIDTHS, WIDTHS, (2, 4), WIDTHS, WIDTHS]
+    rule = QuantRule(po2, per_channel=True)
+    together = many_weight_errors(weights, bits, rule)
+    monkeypatch.setattr(quant_error, "_BLOCK_ELEMENTS", 2 * weights[0].numel())  # 1 layer, 2 widths
+    apart = many_weight_errors(weights, bits, rule)
+    for w, widths, a, b in zip(weights, bits, together, apart, strict=True):
+        assert set(a) == set(widths) and a == pytest.approx(b, rel=1e-12, abs=0)
+        for width in widths:
+            assert a[width] == pytest.approx(weight_error(w, width, rule), rel=1e-5, abs=0)

@@ -62,7 +62,7 @@ def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
     """(signed, values, magnitudes): every element of the flat tensor whose magnitude reaches
     its j-th largest magnitude (perhaps a few more), found without ranking the whole tensor.
     The tensor is split into ``groups`` interleaved groups (the columns of a table whose rows
-    are consecutive slices), each group's maximum (and minimum, if signed) taken in one pass (a
+    are consecutive slices), each group's minimum and maximum taken in one pass each (a
     reduction across rows: element-wise, the fastest kind); the j-th largest group peak bounds
     the j-th largest magnitude from below, so only the groups whose peak reaches it are
     searched.
@@ -75,10 +75,10 @@ def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
     if not groups:
         signed = bool(flat.min() < 0)
         return signed, flat, flat.abs() if signed else flat
-    signed = bool(flat.min() < 0)  # a global minimum is cheaper than one per group
     table = flat.view(-1, groups)
-    high = table.amax(dim=0)
-    peaks = torch.maximum(high, -table.amin(dim=0)) if signed else high
+    low, high = table.amin(dim=0), table.amax(dim=0)
+    signed = bool(low.min() < 0)
+    peaks = torch.maximum(high, -low) if signed else high
     cut = peaks.topk(j).values[-1]
     hits = table.index_select(1, (peaks >= cut).nonzero().squeeze(1)).reshape(-1)
     mags = hits.abs() if signed else hits

@@ -149,8 +149,8 @@ class _Tapping(torch.fx.Interpreter):
     graph as a new GraphModule costs a Python code generation per search (~0.1x a forward).
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, acc: _GramAccumulator) -> None:
-        super().__init__(gm)
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, acc: _GramAccumulator) -> None:
+        super().__init__(model, graph=graph)
         self.acc = acc
 
     def run_node(self, node: torch.fx.Node) -> object:
@@ -185,8 +185,8 @@ def collect_grams(
                 return GramResult(
                     [], features_s=time.perf_counter() - start, gram_s=0.0, centred=centred
                 )
-            if layers.traced and layers.graph_module is not None:
-                _Tapping(layers.graph_module.eval(), acc).run(samples)
+            if layers.traced and layers.graph is not None:
+                _Tapping(model, layers.graph, acc).run(samples)
             else:
                 _run_with_hooks(model, acc, samples)
     finally:
@@ -260,32 +260,55 @@ def discover_and_stream(
     """One pass of all ``samples`` that discovers the layers (:func:`discover_layers` records
     every call) and, in the same forward, forms the Grams (``grams``) and the activation error
     statistics. ``act_widths(names, ordered)`` says which layers' inputs to score at which
-    widths; ``names`` are the quantizable layers, in execution order when ``ordered``."""
+    widths; ``names`` are the quantizable layers, in execution order when ``ordered``.
+
+    Without Grams the pass is the plain forward: non-finite values are caught where the pass
+    looks anyway (each scored layer input, the model's outputs) rather than by a reduction over
+    every layer's output; only then a second pass names the first layer that produced them.
+    """
     found: dict[str, object] = {}
 
-    def run(model: nn.Module, gm: torch.fx.GraphModule | None) -> None:
-        if gm is not None:
-            points = feature_points(gm)
+    def run(model: nn.Module, graph: torch.fx.Graph | None) -> None:
+        if graph is not None:
+            points = feature_points(model, graph)
         else:
             quantizable = (n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES))
             points = {n: n for n in quantizable}
         acc = _GramAccumulator(points, centred)
-        widths = act_widths(list(points), gm is not None)
+        widths = act_widths(list(points), graph is not None)
         start = time.perf_counter()
+        finite = True
         with act_stats.record(model, widths, power_of_two) as stats:
             if not grams:
-                _run_checked(model, list(points), samples)
-            elif gm is not None:
-                _Tapping(gm.eval(), acc).run(samples)
+                finite = _all_finite(model(samples))
+            elif graph is not None:
+                _Tapping(model, graph, acc).run(samples)
             else:
                 _run_with_hooks(model, acc, samples)
         found.update(
-            acc=acc, stats=stats, traced=gm is not None, seconds=time.perf_counter() - start
+            acc=acc,
+            stats=stats,
+            traced=graph is not None,
+            seconds=time.perf_counter() - start,
+            names=list(points),
+            finite=finite and stats.non_finite is None,
         )
 
     layers = discover_layers(model, samples, run)
     acc, stats = found["acc"], found["stats"]
     assert isinstance(acc, _GramAccumulator) and isinstance(stats, act_stats.ActErrorStats)
+    if not found["finite"]:
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                _run_checked(model.eval(), found["names"], samples)  # type: ignore[arg-type]
+        finally:
+            model.train(was_training)
+        where = f"the input of layer {stats.non_finite}" if stats.non_finite else "the output"
+        raise OmpqError(
+            f"{where} has NaN/Inf values on the search samples; check the weights (corrupt "
+            "checkpoint?) and the input normalisation"
+        )
     seconds = float(found["seconds"])  # type: ignore[arg-type]
     if not grams:
         result = GramResult([], features_s=seconds, gram_s=0.0, centred=centred)
@@ -300,3 +323,13 @@ def discover_and_stream(
             centred=centred,
         )
     return StreamResult(layers, result, stats)
+
+
+def _all_finite(output: object) -> bool:
+    """Whether every tensor in a model's output (nested tuples, lists, dicts) is finite (a
+    finite sum proves it; a sum that overflowed is checked element by element)."""
+    return all(
+        math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+        for t in torch.utils._pytree.tree_leaves(output)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )

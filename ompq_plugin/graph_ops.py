@@ -126,13 +126,14 @@ def replace_adaptive_pools(gm: fx.GraphModule) -> list[str]:
     return replaced
 
 
-def weight_like_parameters(gm: fx.GraphModule) -> dict[str, str]:
+def weight_like_parameters(gm: nn.Module, graph: fx.Graph | None = None) -> dict[str, str]:
     """Parameters the traced graph reads directly (``get_attr``) and uses other than elementwise
     or in a normalisation -- ``F.linear``, ``F.conv2d``, matmul, an opaque function -- mapped to
-    the name of that use. Such a weight is not a Conv/Linear module call, so it is not quantized."""
+    the name of that use. Such a weight is not a Conv/Linear module call, so it is not quantized.
+    ``graph``: a trace whose targets name ``gm``'s attributes (default: ``gm``'s own graph)."""
     params = dict(gm.named_parameters())
     found: dict[str, str] = {}
-    for node in gm.graph.nodes:
+    for node in (graph if graph is not None else gm.graph).nodes:
         if node.op != "get_attr" or str(node.target) not in params:
             continue
         for user in node.users:

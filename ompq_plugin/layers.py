@@ -110,7 +110,9 @@ class ModelLayers:
     act_groups: dict[str, tuple[str, ...]]
     unsupported: list[UnsupportedLayer] = field(default_factory=list)
     traced: bool = True
-    graph_module: torch.fx.GraphModule | None = None
+    # the torch.fx trace of the model (its targets name the model's own modules); a Graph, not
+    # a GraphModule: building one generates and compiles Python code that no caller runs
+    graph: torch.fx.Graph | None = None
 
     @property
     def names(self) -> list[str]:
@@ -157,7 +159,7 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     return per_sample_out * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-Runner = Callable[[nn.Module, "torch.fx.GraphModule | None"], None]
+Runner = Callable[[nn.Module, "torch.fx.Graph | None"], None]
 
 
 def discover_layers(
@@ -168,18 +170,19 @@ def discover_layers(
     The model is traced first, then run once with hooks that record each layer's call. By
     default that run is a forward pass of one example; ``run(model, graph)`` replaces it (the
     search streams all its samples through the traced graph in that same pass, see
-    :mod:`ompq_plugin.features`); ``graph`` is the trace, or None for an untraceable model.
+    :mod:`ompq_plugin.features`); ``graph`` is the trace (a ``torch.fx.Graph`` over ``model``'s
+    own modules), or None for an untraceable model.
     """
     if example_input.dim() < 2:
         raise OmpqError("example input needs a batch dimension, e.g. shape (1, 3, 32, 32)")
-    try:
-        gm: torch.fx.GraphModule | None = torch.fx.symbolic_trace(model)
+    try:  # the Graph alone: symbolic_trace's GraphModule would also generate and compile code
+        graph: torch.fx.Graph | None = torch.fx.Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure falls back to hooks only
-        gm = None
+        graph = None
     if run is None:
         records = _record_calls(model, example_input[:1], lambda m, _g: m(example_input[:1]))
     else:
-        records = _record_calls(model, example_input, lambda m, _g: run(m, gm), gm)
+        records = _record_calls(model, example_input, lambda m, _g: run(m, graph), graph)
     unsupported = [
         UnsupportedLayer(name, type(m).__name__)
         for name, m in model.named_modules()
@@ -190,21 +193,21 @@ def discover_layers(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer used in its forward pass; "
             "nothing to quantize"
         )
-    if gm is not None:
-        nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    if graph is not None:
+        nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
         missing = [name for name, _, _, _ in records if name not in nodes]
         if missing:  # a layer hidden inside a leaf module: structure is unreliable
-            gm = None
-    unsupported += _weights_used_as_functions(model, gm, {name for name, *_ in records})
+            graph = None
+    unsupported += _weights_used_as_functions(model, graph, {name for name, *_ in records})
     features: dict[str, str] = {}
     groups: dict[str, str] = {}
-    if gm is not None:
-        modules = dict(gm.named_modules())
+    if graph is not None:
+        modules = dict(model.named_modules())
         for name, _, _, _ in records:
             node = nodes[name]
             features[name] = _feature_node(node, modules).name
             groups[name] = _group_name(_input_point(node.args[0], modules))
-        groups = _merge_residual_groups(gm, modules, groups)
+        groups = _merge_residual_groups(graph, modules, groups)
     else:
         for name, _, _, _ in records:
             features[name] = name
@@ -229,11 +232,11 @@ def discover_layers(
     act_groups: dict[str, tuple[str, ...]] = {}
     for layer in layers:
         act_groups[layer.act_group] = (*act_groups.get(layer.act_group, ()), layer.name)
-    return ModelLayers(layers, act_groups, unsupported, traced=gm is not None, graph_module=gm)
+    return ModelLayers(layers, act_groups, unsupported, traced=graph is not None, graph=graph)
 
 
 def _weights_used_as_functions(
-    model: nn.Module, gm: torch.fx.GraphModule | None, called: set[str]
+    model: nn.Module, graph: torch.fx.Graph | None, called: set[str]
 ) -> list[UnsupportedLayer]:
     """Weights the forward pass uses other than by calling a Conv/Linear module (``F.linear`` with
     a module's weight, as Swin's attention does; a bare parameter through ``F.conv2d``). They
@@ -241,13 +244,13 @@ def _weights_used_as_functions(
     a trace, a Conv/Linear module that never runs is listed too (its use cannot be seen)."""
     from ompq_plugin.graph_ops import weight_like_parameters
 
-    used = weight_like_parameters(gm) if gm is not None else {}
+    used = weight_like_parameters(model, graph) if graph is not None else {}
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, QUANTIZABLE_TYPES) or name in called:
             continue
         via = used.pop(f"{name}.weight", None)
-        if via is not None or gm is None:
+        if via is not None or graph is None:
             how = f"weight used through {via}" if via else "never called as a module"
             out.append(UnsupportedLayer(name, f"{type(module).__name__}, {how}"))
     for param, via in used.items():
@@ -264,10 +267,10 @@ def _record_calls(
     model: nn.Module,
     x: torch.Tensor,
     forward: Runner,
-    gm: torch.fx.GraphModule | None = None,
+    graph: torch.fx.Graph | None = None,
 ) -> list[Record]:
     """(name, module, (input shape, output shape) per sample, MACs per sample) of every
-    quantizable layer, in call order, from hooks during ``forward(model, gm)``; shapes only, so
+    quantizable layer, in call order, from hooks during ``forward(model, graph)``; shapes only, so
     a pass over many samples keeps no tensor alive."""
     records: list[Record] = []
     seen: set[str] = set()
@@ -294,7 +297,7 @@ def _record_calls(
     model.eval()
     try:
         with torch.no_grad():
-            forward(model, gm)
+            forward(model, graph)
     except OmpqError:
         raise
     except Exception as exc:
@@ -309,12 +312,13 @@ def _record_calls(
     return records
 
 
-def feature_points(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Every quantizable layer of the trace -> the node whose output is its feature f_i."""
-    modules = dict(gm.named_modules())
+def feature_points(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]:
+    """Every quantizable layer of ``graph`` (a trace of ``model``) -> the node whose output is
+    its feature f_i."""
+    modules = dict(model.named_modules())
     return {
         str(n.target): _feature_node(n, modules).name
-        for n in gm.graph.nodes
+        for n in graph.nodes
         if n.op == "call_module" and isinstance(modules.get(str(n.target)), QUANTIZABLE_TYPES)
     }
 
@@ -360,7 +364,7 @@ def _group_name(node: torch.fx.Node | None) -> str:
 
 
 def _merge_residual_groups(
-    gm: torch.fx.GraphModule, modules: dict[str, nn.Module], groups: dict[str, str]
+    graph: torch.fx.Graph, modules: dict[str, nn.Module], groups: dict[str, str]
 ) -> dict[str, str]:
     """Union the groups of layer inputs that meet at a residual add (one shared quantizer)."""
     parent = {g: g for g in groups.values()}
@@ -370,7 +374,7 @@ def _merge_residual_groups(
             g = parent[g]
         return g
 
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if not _is_op(node, modules, (), _ADD_FUNCTIONS, _ADD_METHODS):
             continue
         inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]

@@ -125,3 +125,38 @@ def test_float32_centred_orm_matches_float64_on_real_resnet20(data_dir):
     k64 = orm_matrix(collect_grams(model, found, x).grams)
     k32 = orm_matrix(collect_grams(model, found, x, centred=True).grams)
     assert float(abs(k64 - k32).max()) < 1e-6
+
+
+def _stream(model, x, widths):
+    return features.discover_and_stream(
+        model, x, grams=False, centred=True, act_widths=lambda names, _o: widths, power_of_two=False
+    )
+
+
+@pytest.mark.parametrize("broken", [0, 3])
+def test_the_plain_pass_names_the_layer_that_produced_nan(broken):
+    """No reduction over every layer's output: the scored inputs (layer 3 reads layer 0's
+    output) or the model's output (layer 3 is last and unscored) catch the NaN, then a second
+    pass names the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).eval()
+    with torch.no_grad():
+        model[broken].weight[0, 0] = float("nan")
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(OmpqError, match=f"layer {broken} produced NaN"):
+        _stream(model, x, {"3": (4, 8)})
+    with torch.no_grad():
+        model[broken].weight[0, 0] = 1.0
+    streamed = _stream(model, x, {"3": (4, 8)})
+    assert streamed.layers.names == ["0", "3"] and set(streamed.act_stats.errors) == {"3"}
+
+
+def test_layer_discovery_keeps_the_trace_as_a_graph_over_the_model():
+    model = Residual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    found = discover_layers(model, x[:1])
+    assert isinstance(found.graph, torch.fx.Graph)
+    targets = {n.target for n in found.graph.nodes if n.op == "call_module"}
+    assert targets <= dict(model.named_modules()).keys()  # the model's own names
+    assert features.feature_points(model, found.graph) == {
+        lay.name: lay.feature_node for lay in found.layers
+    }

@@ -30,7 +30,12 @@ from ompq_plugin.methods.objectives import (
     random_values,
     uniform_order,
 )
-from ompq_plugin.methods.quant_error import QuantRule, act_errors, weight_errors, weight_sq_error
+from ompq_plugin.methods.quant_error import (
+    QuantRule,
+    act_errors,
+    many_weight_errors,
+    weight_sq_error,
+)
 
 Pin = tuple[int | None, int | None]
 
@@ -91,11 +96,8 @@ def build_problem(
     rule = QuantRule(hw.power_of_two_scales, hw.per_channel_weights)
     start = time.perf_counter()
     if method == "ompq-noise":
-        weights = folded_weights(model, names, found.graph_module if found.traced else None)
-        errors = [
-            weight_errors(w, lay.weight_choices, rule)
-            for w, lay in zip(weights, layers, strict=True)
-        ]
+        weights = folded_weights(model, names, found.graph if found.traced else None)
+        errors = many_weight_errors(weights, [lay.weight_choices for lay in layers], rule)
         timings["weight_error_s"] = time.perf_counter() - start
         full = [theta.get(i, 1.0) for i in range(n)]
         a_err = [_act_errors_of(lay, act_errors, pins) for lay in layers]

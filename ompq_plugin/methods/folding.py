@@ -27,18 +27,17 @@ def folded_copy(model: nn.Module) -> nn.Module:
 
 
 def folded_weights(
-    model: nn.Module, names: Sequence[str], graph: fx.GraphModule | None = None
+    model: nn.Module, names: Sequence[str], graph: fx.Graph | None = None
 ) -> list[torch.Tensor]:
     """The weights of the layers ``names`` as ``folded_copy`` would have them, computed without
     copying the model: each Conv/Linear followed by a BatchNorm (its only user) gets the
     BatchNorm folded in (``torch.nn.utils.fusion``'s formula, as ``quantize`` uses).
 
-    ``graph``: a trace of ``model`` whose Conv/Linear/BatchNorm modules are single nodes (the
-    layer discovery's), reused instead of tracing again; untraceable models keep their weights.
+    ``graph``: a trace of ``model`` (targets naming ``model``'s modules) whose Conv/Linear/
+    BatchNorm modules are single nodes (the layer discovery's), reused instead of tracing again;
+    untraceable models keep their weights.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
-
-    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv, _trace
+    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, _trace
 
     exact = (*SUPPORTED_LAYERS, *FOLDABLE_NORMS)
     if graph is not None and any(  # a subclass may trace differently: trace as quantize does
@@ -47,12 +46,25 @@ def folded_weights(
         graph = None
     if graph is None:
         try:
-            graph = _trace(model)
+            graph = _trace(model).graph
         except OmpqError:
             graph = None
     modules = dict(model.named_modules())
     out = {name: modules[name].weight.detach() for name in names}
-    for node in graph.graph.nodes if graph is not None else ():
+    with torch.no_grad():  # no autograd record of the folding: only the values are kept
+        _fold_into(out, modules, graph)
+    return [out[name] for name in names]
+
+
+def _fold_into(
+    out: dict[str, torch.Tensor], modules: dict[str, nn.Module], graph: fx.Graph | None
+) -> None:
+    """Replace, in ``out``, each layer's weight by its BatchNorm-folded weight."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv
+
+    for node in graph.nodes if graph is not None else ():
         bn = modules.get(str(node.target)) if node.op == "call_module" else None
         prev = node.args[0] if node.args else None
         if not isinstance(bn, FOLDABLE_NORMS) or not isinstance(prev, fx.Node):
@@ -73,4 +85,3 @@ def folded_weights(
         else:
             w, _ = fuse_conv_bn_weights(layer.weight, layer.bias, *args)
         out[str(prev.target)] = w.detach()
-    return [out[name] for name in names]

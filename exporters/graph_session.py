@@ -224,9 +224,9 @@ class GraphSession:
         self.lowered = len(lowered.graph.node) != len(model.graph.node)
         # the graph's own tensors (not the lowering's intermediates), weights' computed once
         wanted = [o for n in model.graph.node for o in n.output if o]
-        lowered, self.constants = fold_constants(lowered, set(wanted))
+        lowered, folded, self.constants = fold_constants(lowered, set(wanted))
         wanted = [o for o in wanted if o not in self.constants]
-        self.session, self.reason = _ort_session(lowered, wanted), ""
+        self.session, self.reason = _ort_session(lowered, wanted, folded), ""
 
     @property
     def engine(self) -> str:
@@ -250,10 +250,11 @@ class GraphSession:
 
 def fold_constants(
     model: onnx.ModelProto, keep: set[str]
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``model`` without the nodes computed from constants only, their outputs consumed by the
-    other nodes made initializers; and the values of those outputs named in ``keep``. The folded
-    nodes run in one onnxruntime session (graph optimisations off), as they would in the graph.
+    other nodes made initializers (data-less protos: the values are the second result, for
+    :func:`_ort_session`); and the values of those outputs named in ``keep``. The folded nodes
+    run in one onnxruntime session (graph optimisations off), as they would in the graph.
     Nodes producing a graph output stay."""
     graph = model.graph
     const = {t.name for t in graph.initializer} | {""}
@@ -266,7 +267,7 @@ def fold_constants(
         else:
             rest.append(node)
     if not folded:
-        return model, {}
+        return model, {}, {}
     used = {i for n in rest for i in n.input}
     made = [o for n in folded for o in n.output if o]
     needed = [o for o in made if o in used or o in keep]
@@ -288,12 +289,29 @@ def fold_constants(
     inits = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
-    out.graph.initializer.extend(numpy_helper.from_array(values[o], o) for o in needed if o in used)
-    return out, {o: values[o] for o in needed if o in keep}
+    arrays = {o: values[o] for o in needed if o in used}
+    out.graph.initializer.extend(_dataless(o, v) for o, v in arrays.items())
+    return out, arrays, {o: values[o] for o in needed if o in keep}
 
 
-def _ort_session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
-    """An onnxruntime session (graph optimisations off) whose outputs are ``outputs``."""
+def _dataless(name: str, value: np.ndarray) -> onnx.TensorProto:
+    """An initializer with ``value``'s name, type and shape and no data (see
+    :func:`_mark_external`)."""
+    t = onnx.TensorProto(name=name)
+    _mark_external(t, value)
+    return t
+
+
+def _ort_session(
+    model: onnx.ModelProto,
+    outputs: Sequence[str],
+    arrays: dict[str, np.ndarray] | None = None,
+) -> Any:
+    """An onnxruntime session (graph optimisations off) whose outputs are ``outputs``.
+
+    Initializers of 4 KiB or more (and every data-less one, whose value is in ``arrays``) are
+    handed to onnxruntime as arrays (``SessionOptions.add_external_initializers``) instead of
+    inside the serialized model: a VGG's 500 MB of weights are then not serialized and parsed."""
     import onnxruntime as ort
 
     produced = {o for n in model.graph.node for o in n.output}
@@ -301,11 +319,54 @@ def _ort_session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
     del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
     model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
     opts = ort.SessionOptions()
+    arrays = arrays or {}
+    names, values = [], []
+    for t in model.graph.initializer:
+        value = arrays.get(t.name)
+        if value is None and _nbytes(t) >= 4096:
+            value = numpy_helper.to_array(t)
+            if onnx.helper.np_dtype_to_tensor_dtype(value.dtype) != t.data_type:
+                value = None  # e.g. int4, unpacked by to_array: stays in the model
+        if value is not None:
+            value = np.ascontiguousarray(value)
+            _mark_external(t, value)
+            names.append(t.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(value))
+    if names:
+        opts.add_external_initializers(names, values)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(
+        session = ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:400]})") from None
+    return session
+
+
+def _mark_external(t: onnx.TensorProto, value: np.ndarray) -> None:
+    """Make ``t`` an external-data initializer of ``value``'s type and shape, whose data
+    onnxruntime then takes from ``SessionOptions.add_external_initializers`` (copied in)."""
+    name = t.name
+    t.Clear()
+    t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    t.dims.extend(value.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, val in (
+        ("location", "ompq-in-memory"),
+        ("offset", "0"),
+        ("length", str(value.nbytes)),
+    ):
+        t.external_data.add(key=key, value=val)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """Size of an initializer's values in bytes (0 for strings and unknown types)."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return 0
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize

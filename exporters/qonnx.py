@@ -174,9 +174,10 @@ def run_qonnx_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
 def _without_torchscript_lint() -> Iterator[None]:
     """torch.onnx's TorchScript exporter runs ``torch._C._jit_pass_lint`` ten times between its
     graph passes: an internal consistency check of torch's own passes, which changes nothing in
-    the graph and is quadratic in its size (DenseNet-121 at 64x64: about 90 of the export's 143
-    CPU seconds; bench/results/export_speed.json). It is skipped for the duration of our export
-    call only (the exported graph is then verified end to end against the torch model)."""
+    the graph and costs more than linearly in its size (DenseNet-121 at 64x64: the export took
+    143 CPU seconds with it, 125 without, one run each on a busy machine). It is skipped for
+    the duration of our export call only (the exported graph is then verified end to end
+    against the torch model)."""
     import torch
 
     original = getattr(torch._C, "_jit_pass_lint", None)

@@ -252,8 +252,9 @@ def fold_constants(
     model: onnx.ModelProto, keep: set[str]
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``model`` without the nodes computed from constants only, their outputs consumed by the
-    other nodes made initializers (data-less protos: the values are the second result, for
-    :func:`_ort_session`); and the values of those outputs named in ``keep``. The folded nodes
+    other nodes made initializers (marked external, without data: their values are the second
+    result, which :func:`_ort_session` hands to onnxruntime); and the values of those outputs
+    named in ``keep``. The folded nodes
     run in one onnxruntime session (graph optimisations off), as they would in the graph.
     Nodes producing a graph output stay."""
     graph = model.graph

@@ -67,11 +67,17 @@ def _random_bn(model: nn.Module) -> None:
             m.weight.data.uniform_(0.5, 1.5)
 
 
-def test_cat_keywords_avg_pool_and_preactivation_bn_quantize_and_export(tmp_path):
+def _branches_and_images(n: int) -> tuple[nn.Module, torch.Tensor]:
+    """:class:`Branches` (seed 0) with random BatchNorm statistics, and ``n`` random 12x12
+    images drawn after it."""
     torch.manual_seed(0)
     model = Branches().eval()
     _random_bn(model)
-    x = torch.randn(8, 3, 12, 12)
+    return model, torch.randn(n, 3, 12, 12)
+
+
+def test_cat_keywords_avg_pool_and_preactivation_bn_quantize_and_export(tmp_path):
+    model, x = _branches_and_images(8)
     q = _quantized(model, x)
     report = q.ompq_report
     # one shared quantizer on all three concatenated inputs, so the cat runs on one grid
@@ -294,10 +300,7 @@ def test_lowered_quant_ops_compute_what_qonnx_computes(tmp_path):
     import qonnx.core.onnx_exec as oxe
     from qonnx.core.modelwrapper import ModelWrapper
 
-    torch.manual_seed(0)
-    model = Branches().eval()
-    _random_bn(model)
-    x = torch.randn(6, 3, 12, 12)
+    model, x = _branches_and_images(6)
     rng = np.random.default_rng(0)
     for profile in ("generic", "hls4ml"):
         graph = _export(_quantized(model, x, profile), x, tmp_path)
@@ -328,10 +331,7 @@ def test_lowered_quant_ops_compute_what_qonnx_computes(tmp_path):
 
 
 def test_a_wrong_layer_is_still_caught_by_the_fast_verification(tmp_path):
-    torch.manual_seed(0)
-    model = Branches().eval()
-    _random_bn(model)
-    x = torch.randn(6, 3, 12, 12)
+    model, x = _branches_and_images(6)
     q = _quantized(model, x)
     graph = _export(q, x, tmp_path)
     g = V.Graph(graph)

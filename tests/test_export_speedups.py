@@ -13,7 +13,7 @@ from ompq_plugin.exporters import fast_cleanup
 from ompq_plugin.exporters.prefold import prefold_constants
 from ompq_plugin.exporters.qonnx import brevitas_export
 from onnx import numpy_helper
-from test_architectures import Branches, _quantized, _random_bn
+from test_architectures import _branches_and_images, _quantized
 
 from ompq_plugin.models import build_model
 
@@ -65,10 +65,7 @@ def _assert_same_as_qonnx(raw: onnx.ModelProto, fast: bool = True) -> None:
 
 @pytest.mark.parametrize("prefold", [False, True])
 def test_same_graph_as_qonnx_on_branches_concat_and_pooling(tmp_path, prefold):
-    torch.manual_seed(0)
-    model = Branches().eval()
-    _random_bn(model)
-    x = torch.randn(4, 3, 12, 12)
+    model, x = _branches_and_images(4)
     for profile in ("generic", "hls4ml"):
         raw = _raw(_quantized(model, x, profile), x, tmp_path)
         _assert_same_as_qonnx(prefold_constants(raw) if prefold else raw)
@@ -129,10 +126,7 @@ def test_an_empty_tensor_name_is_left_to_qonnx(tmp_path):
 def test_the_raw_export_is_the_same_without_the_torchscript_lint(tmp_path):
     from brevitas.export import export_qonnx
 
-    torch.manual_seed(0)
-    model = Branches().eval()
-    _random_bn(model)
-    x = torch.randn(4, 3, 12, 12)
+    model, x = _branches_and_images(4)
     q = _quantized(model, x)
     lint = torch._C._jit_pass_lint
     ours = _raw(q, x, tmp_path)

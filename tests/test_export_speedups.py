@@ -66,7 +66,7 @@ def _assert_same_as_qonnx(raw: onnx.ModelProto, fast: bool = True) -> None:
 @pytest.mark.parametrize("prefold", [False, True])
 def test_same_graph_as_qonnx_on_branches_concat_and_pooling(tmp_path, prefold):
     model, x = _branches_and_images(4)
-    for profile in ("generic", "hls4ml"):
+    for profile in ("generic", "hls4ml", "finn"):
         raw = _raw(_quantized(model, x, profile), x, tmp_path)
         _assert_same_as_qonnx(prefold_constants(raw) if prefold else raw)
 

@@ -6,6 +6,7 @@ Every problem with a file is an ``OmpqError`` whose one-line message names the f
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tomllib
@@ -353,7 +354,13 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
             f"unknown hardware profile {str(name_or_path)!r}; use one of: "
             f"{', '.join(paths)}, or pass the path of your own .toml file"
         )
-    return load_profile_file(paths[name])
+    return _shipped_profile(paths[name], paths[name].stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _shipped_profile(path: Path, mtime_ns: int) -> HardwareProfile:  # noqa: ARG001 - cache key
+    """A shipped profile parsed once per process (per file version: ``mtime_ns`` is the key)."""
+    return load_profile_file(path)
 
 
 def list_profiles() -> list[HardwareProfile]:

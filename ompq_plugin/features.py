@@ -26,7 +26,13 @@ import torch.fx
 from torch import nn
 
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.layers import QUANTIZABLE_TYPES, ModelLayers, discover_layers, feature_points
+from ompq_plugin.layers import (
+    QUANTIZABLE_TYPES,
+    ModelLayers,
+    discover_layers,
+    feature_points,
+    relu_fed_layers,
+)
 from ompq_plugin.methods import act_stats
 
 # Columns of a feature converted to float64 at a time: bounds the float64 copy to ~64 MiB.
@@ -278,7 +284,8 @@ def discover_and_stream(
         widths = act_widths(list(points), graph is not None)
         start = time.perf_counter()
         finite = True
-        with act_stats.record(model, widths, power_of_two) as stats:
+        relu_fed = relu_fed_layers(model, graph) if graph is not None else frozenset()
+        with act_stats.record(model, widths, power_of_two, relu_fed) as stats:
             if not grams:
                 finite = _all_finite(model(samples))
             elif graph is not None:

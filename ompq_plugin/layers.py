@@ -323,6 +323,26 @@ def feature_points(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]:
     }
 
 
+_RELU_TYPES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+def relu_fed_layers(model: nn.Module, graph: torch.fx.Graph) -> frozenset[str]:
+    """Quantizable layers of ``graph`` whose input is the output of a ReLU (or ReLU6) itself:
+    inputs known to have no negative value, without looking at them."""
+    modules = dict(model.named_modules())
+    return frozenset(
+        str(n.target)
+        for n in graph.nodes
+        if n.op == "call_module"
+        and isinstance(modules.get(str(n.target)), QUANTIZABLE_TYPES)
+        and n.args
+        and isinstance(n.args[0], torch.fx.Node)
+        and _is_op(n.args[0], modules, _RELU_TYPES, _RELU_FUNCTIONS, _RELU_METHODS)
+    )
+
+
 def _is_op(node: torch.fx.Node, modules: dict[str, nn.Module], types, functions, methods) -> bool:  # noqa: ANN001
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), types)

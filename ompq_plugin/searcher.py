@@ -6,6 +6,7 @@ program (Eq. 10) under the target's and the user's budgets. No search iterations
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import time
@@ -391,6 +392,12 @@ def parse_pin(text: str) -> tuple[str, Pin]:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions recorded in every BitConfig (read once per process)."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
     # plain str: torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses

@@ -64,8 +64,8 @@ def test_a_tensor_read_by_two_layers_is_scored_once(monkeypatch: pytest.MonkeyPa
             return y + self.b(x) + self.a.weight.sum() * 0
 
     calls = []
-    real = act_stats.input_errors
-    monkeypatch.setattr(act_stats, "input_errors", lambda *a: calls.append(1) or real(*a))
+    real = act_stats.prepare_input
+    monkeypatch.setattr(act_stats, "prepare_input", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = TwoReaders()
     with act_stats.record(model, {"a": [4, 8], "b": [4, 8]}, False) as stats, torch.no_grad():
         model(torch.rand(2, 3, 4, 4))
@@ -179,3 +179,61 @@ def test_same_shape_weights_scored_together_equal_one_at_a_time(
         assert set(a) == set(widths) and a == pytest.approx(b, rel=1e-12, abs=0)
         for width in widths:
             assert a[width] == pytest.approx(weight_error(w, width, rule), rel=1e-5, abs=0)
+
+
+def test_errors_scored_together_equal_those_scored_one_by_one() -> None:
+    inputs = [*_inputs(SAMPLE // 4, 7).values(), *_inputs(3 * SAMPLE, 8).values()]
+    inputs += [torch.zeros(100), torch.full((50,), 2.0)]
+    for po2 in (False, True):
+        prepared = [act_stats.prepare_input(x, WIDTHS, po2) for x in inputs]
+        prepared.append(act_stats.prepare_input(inputs[0], (4, 8), po2))  # fewer widths
+        together = act_stats.score(prepared)
+        for p, got in zip(prepared, together, strict=True):
+            assert got == pytest.approx(act_stats.score([p])[0], rel=1e-6, abs=1e-12)
+        assert together[-1] == pytest.approx({b: together[0][b] for b in (4, 8)}, rel=1e-6)
+
+
+def test_a_small_input_changed_in_place_after_its_layer_is_scored_as_the_layer_saw_it() -> None:
+    class ChangesItsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            x.mul_(0)
+            return y
+
+    x = torch.rand(2, 3, 4, 4)
+    expected = input_errors(x, [4, 8], False)
+    model = ChangesItsInput()
+    with act_stats.record(model, {"a": [4, 8]}, False) as stats, torch.no_grad():
+        model(x)
+    assert float(x.abs().sum()) == 0.0 and stats.errors["a"] == pytest.approx(expected)
+
+
+def test_a_relu_output_scored_as_nonnegative_gives_the_same_errors() -> None:
+    for x in (torch.relu(torch.randn(64, 16, 32, 32)), torch.relu(torch.randn(300))):
+        for po2 in (False, True):
+            plain = act_stats.score([act_stats.prepare_input(x, WIDTHS, po2)])[0]
+            known = act_stats.score([act_stats.prepare_input(x, WIDTHS, po2, nonnegative=True)])
+            assert known[0] == plain
+
+
+def test_layers_fed_by_a_relu_are_found_in_the_trace() -> None:
+    from ompq_plugin.layers import relu_fed_layers
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+            self.c, self.relu = nn.Conv2d(4, 4, 1), nn.ReLU()
+            self.d = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b(self.relu(self.a(x)))
+            y = self.c(torch.relu(y) - 1)  # not a ReLU's output
+            return self.d(torch.flatten(y, 1)[:, :4].relu())
+
+    model = Net()
+    assert relu_fed_layers(model, torch.fx.Tracer().trace(model)) == {"b", "d"}

@@ -58,7 +58,9 @@ class ActErrorStats:
     non_finite: str | None = None  # the first layer whose input had NaN/Inf values
 
 
-def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+def _top(
+    flat: torch.Tensor, j: int, nonnegative: bool = False
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
     """(signed, values, magnitudes): every element of the flat tensor whose magnitude reaches
     its j-th largest magnitude (perhaps a few more), found without ranking the whole tensor.
     The tensor is split into ``groups`` interleaved groups (the columns of a table whose rows
@@ -66,19 +68,22 @@ def _top(flat: torch.Tensor, j: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
     reduction across rows: element-wise, the fastest kind); the j-th largest group peak bounds
     the j-th largest magnitude from below, so only the groups whose peak reaches it are
     searched.
-    A tensor too small or oddly sized for the table comes back whole."""
+    A tensor too small or oddly sized for the table comes back whole. ``nonnegative``: the
+    caller knows the tensor has no negative value (a ReLU's output), so its minima are not
+    needed (one pass fewer)."""
     n = flat.numel()
     fits = [g for g in _GROUPS if n % g == 0 and n >= 16 * g and j <= g // 4]
     # the fewest groups of at most 256 elements (few peaks to rank, few elements per hit), or
     # the most groups there are
     groups = next((g for g in fits if n // g <= 256), fits[-1] if fits else 0)
     if not groups:
-        signed = bool(flat.min() < 0)
+        signed = not nonnegative and bool(flat.min() < 0)
         return signed, flat, flat.abs() if signed else flat
     table = flat.view(-1, groups)
-    low, high = table.amin(dim=0), table.amax(dim=0)
-    signed = bool(low.min() < 0)
-    peaks = torch.maximum(high, -low) if signed else high
+    high = table.amax(dim=0)
+    low = None if nonnegative else table.amin(dim=0)
+    signed = low is not None and bool(low.min() < 0)
+    peaks = torch.maximum(high, -low) if low is not None and signed else high
     cut = peaks.topk(j).values[-1]
     hits = table.index_select(1, (peaks >= cut).nonzero().squeeze(1)).reshape(-1)
     mags = hits.abs() if signed else hits
@@ -113,21 +118,50 @@ def _sq_errors(
     parts: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int, float]]
 ) -> list[list[float]]:
     """``sum (Q(x) - x)^2`` of each flat tensor of ``parts`` at every (lowest level, highest
-    level, scale) of ``ranges``: the parts laid end to end and every width at once on one
-    widths x elements block, a fixed handful of torch calls whatever the number of widths (at
-    ``SAMPLE`` elements the calls, not the arithmetic, are most of the cost)."""
-    x = torch.cat(list(parts)) if len(parts) > 1 else parts[0]
-    ends = list(itertools.accumulate(p.numel() for p in parts))
-    scale = torch.tensor([[r[2]] for r in ranges], dtype=x.dtype)
-    lo = torch.tensor([[r[0]] for r in ranges], dtype=x.dtype)
-    hi = torch.tensor([[r[1]] for r in ranges], dtype=x.dtype)
-    q = x / scale
-    q.round_()
-    torch.minimum(q, hi, out=q)
-    torch.maximum(q, lo, out=q)
-    q.mul_(scale).sub_(x).square_()
-    sums = [q[:, begin:end].sum(dim=1) for begin, end in zip([0, *ends], ends, strict=False)]
-    return torch.stack(sums).tolist()
+    level, scale) of ``ranges`` (one quantizer for all parts; see :func:`_rows_sq_errors`)."""
+    return _rows_sq_errors(list(parts), [tuple(ranges)] * len(parts))
+
+
+_ROW_LENGTHS = (256, 4096)  # rows are padded to the first of these they fit, or to the longest
+
+
+def _rows_sq_errors(
+    rows: Sequence[torch.Tensor], ranges: Sequence[Sequence[tuple[int, int, float]]]
+) -> list[list[float]]:
+    """``sum (Q(x) - x)^2`` of each flat tensor ``rows[i]`` at every (lowest level, highest
+    level, scale) of ``ranges[i]`` (every row with the same number of widths).
+
+    Rows of similar length are padded with zeros (which score 0 at any width) to one length and
+    stacked, and every width of every row quantized at once on one widths x rows x elements
+    block: a fixed handful of torch calls for all the layer inputs of a search (at ``SAMPLE``
+    elements per input the calls, not the arithmetic, were most of the cost)."""
+    out: list[list[float]] = [[] for _ in rows]
+    buckets: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        length = next((n for n in _ROW_LENGTHS if r.numel() <= n), 0)
+        buckets.setdefault(length, []).append(i)
+    for members in buckets.values():
+        longest = max(rows[i].numel() for i in members)
+        if len(members) == 1:
+            x = rows[members[0]].reshape(1, -1)
+        else:
+            x = torch.zeros(len(members), longest, dtype=torch.float32)
+            for row, i in zip(x, members, strict=True):
+                row[: rows[i].numel()] = rows[i]
+        shape = (len(ranges[members[0]]), len(members), 1)  # widths x rows x 1
+        table = [ranges[i] for i in members]
+        scale = torch.tensor([[r[2] for r in rs] for rs in table], dtype=x.dtype)
+        lo = torch.tensor([[float(r[0]) for r in rs] for rs in table], dtype=x.dtype)
+        hi = torch.tensor([[float(r[1]) for r in rs] for rs in table], dtype=x.dtype)
+        scale, lo, hi = (t.T.reshape(shape) for t in (scale, lo, hi))
+        q = x / scale
+        q.round_()
+        torch.minimum(q, hi, out=q)
+        torch.maximum(q, lo, out=q)
+        q.mul_(scale).sub_(x).square_()
+        for i, sums in zip(members, q.sum(dim=2).T.tolist(), strict=True):
+            out[i] = sums
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,16 +173,33 @@ def _spread_indices(n: int, count: int) -> torch.Tensor:
     return (phase * n).long().clamp_(max=n - 1).sort().values
 
 
-def input_errors(
-    x: torch.Tensor, bits: Iterable[int], power_of_two: bool, sample: int = SAMPLE
-) -> dict[int, float]:
-    """Relative error ``||Q_b(x) - x||^2 / ||x||^2`` of the layer input ``x`` at each width
-    (see the module doc: exact top values, sampled rest). Signed if ``x`` has negative values."""
+@dataclass(frozen=True)
+class _Prepared:
+    """What :func:`prepare_input` keeps of one tensor: the parts to score, each with the
+    factor that scales its sum up, the quantizer of each width, and the energy."""
+
+    widths: tuple[int, ...]
+    parts: tuple[tuple[torch.Tensor, float], ...]
+    ranges: tuple[tuple[int, int, float], ...]
+    energy: float
+
+
+def prepare_input(
+    x: torch.Tensor,
+    bits: Iterable[int],
+    power_of_two: bool,
+    sample: int = SAMPLE,
+    nonnegative: bool = False,
+) -> _Prepared:
+    """The passes over the whole tensor (energy, threshold, top values, the spread sample) that
+    :func:`input_errors` needs; :func:`score` turns many of them into errors at once.
+    ``nonnegative``: ``x`` is known to have no negative value (a ReLU's output), which saves the
+    pass that looks for one; the result is the same."""
     flat = x.detach().reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
     flat = flat.contiguous()
-    widths = list(bits)
+    widths = tuple(bits)
     if any(b < 2 for b in widths):
         raise ValueError(f"bits must be at least 2, got {min(widths)}")
     energy = float(torch.dot(flat, flat))
@@ -156,24 +207,52 @@ def input_errors(
         raise NonFiniteError("the tensor has NaN/Inf values")
     n = flat.numel()
     k = max(1, min(n, int(round(ACT_PERCENTILE / 100 * n))))
-    signed, top, top_mag = _top(flat, n - k + 1)
+    signed, top, top_mag = _top(flat, n - k + 1, nonnegative)
     thr = float(top_mag.topk(n - k + 1).values[-1])
+    ranges = tuple(_range(b, signed, thr, power_of_two) for b in widths)
     if energy == 0.0:
-        return dict.fromkeys(widths, 0.0)
+        return _Prepared(widths, (), ranges, 0.0)
     if n <= sample or top.numel() == n:
-        parts = [(flat, 1.0)]
+        # a copy: the model may change the tensor in place before the block's end scores it
+        parts: tuple[tuple[torch.Tensor, float], ...] = ((flat.clone(), 1.0),)
     else:  # the top values exactly (signs kept), the rest through a spread sample
         cut = float(top_mag.min())
         drawn = flat.index_select(0, _spread_indices(n, sample))
         inside = (drawn.abs() if signed else drawn) < cut
         rest = drawn * inside  # the top values, scored exactly above, score 0 here
         kept = int(inside.sum())
-        parts = [(top, 1.0), (rest, (n - top.numel()) / max(kept, 1))]
-    ranges = [_range(b, signed, thr, power_of_two) for b in widths]
-    sums = [0.0] * len(widths)
-    for (_, w), errors in zip(parts, _sq_errors([p for p, _ in parts], ranges), strict=True):
-        sums = [s + w * e for s, e in zip(sums, errors, strict=True)]
-    return {b: e / energy for b, e in zip(widths, sums, strict=True)}
+        parts = ((top, 1.0), (rest, (n - top.numel()) / max(kept, 1)))
+    return _Prepared(widths, parts, ranges, energy)
+
+
+def score(prepared: Sequence[_Prepared]) -> list[dict[int, float]]:
+    """Relative errors ``||Q_b(x) - x||^2 / ||x||^2`` of prepared tensors at their widths, all
+    their parts scored together (those with the same number of widths in one block)."""
+    out: list[dict[int, float]] = [dict.fromkeys(p.widths, 0.0) for p in prepared]
+    by_count: dict[int, list[tuple[int, int]]] = {}  # widths -> (tensor, part) pairs
+    for i, p in enumerate(prepared):
+        for k in range(len(p.parts)):
+            by_count.setdefault(len(p.widths), []).append((i, k))
+    totals = [[0.0] * len(p.widths) for p in prepared]
+    for pairs in by_count.values():
+        sums = _rows_sq_errors(
+            [prepared[i].parts[k][0] for i, k in pairs], [prepared[i].ranges for i, _ in pairs]
+        )
+        for (i, k), errors in zip(pairs, sums, strict=True):
+            factor = prepared[i].parts[k][1]
+            totals[i] = [t + factor * e for t, e in zip(totals[i], errors, strict=True)]
+    for i, p in enumerate(prepared):
+        if p.parts:
+            out[i] = {b: e / p.energy for b, e in zip(p.widths, totals[i], strict=True)}
+    return out
+
+
+def input_errors(
+    x: torch.Tensor, bits: Iterable[int], power_of_two: bool, sample: int = SAMPLE
+) -> dict[int, float]:
+    """Relative error ``||Q_b(x) - x||^2 / ||x||^2`` of the layer input ``x`` at each width
+    (see the module doc: exact top values, sampled rest). Signed if ``x`` has negative values."""
+    return score([prepare_input(x, bits, power_of_two, sample)])[0]
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -188,20 +267,25 @@ def record(
     model: nn.Module,
     widths: Mapping[str, Sequence[int]],
     power_of_two: bool,
+    relu_fed: frozenset[str] = frozenset(),
 ) -> Iterator[ActErrorStats]:
     """While active, every forward of ``model`` measures the inputs of the layers in ``widths``
     (layer name -> activation widths to score). The first call of each layer counts; a tensor
     already scored for another layer (same storage, shape and widths) is not scored again. An
     input with NaN/Inf values is not scored: the first such layer is ``non_finite`` (the caller
-    names the layer that produced them)."""
+    names the layer that produced them). Layers in ``relu_fed`` read a ReLU's output (no negative
+    value: the search of a minimum is skipped). The hooks keep a few thousand values per input
+    (:func:`prepare_input`); the errors are scored together when the block ends."""
     stats = ActErrorStats()
-    # (address, shape, strides, version, widths) -> (the tensor, its errors); a hit needs the
+    prepared: list[_Prepared] = []
+    which: dict[str, int] = {}  # layer -> its entry of ``prepared``
+    # (address, shape, strides, version, widths) -> (the tensor, its entry); a hit needs the
     # tensor alive (its memory cannot hold another tensor) and unmodified (same version)
-    seen: dict[tuple[object, ...], tuple[weakref.ref, dict[int, float]]] = {}
+    seen: dict[tuple[object, ...], tuple[weakref.ref, int]] = {}
 
     def hook(name: str) -> object:
         def run(_module: nn.Module, args: tuple[object, ...]) -> None:
-            if name in stats.errors or not args or not isinstance(args[0], torch.Tensor):
+            if name in which or not args or not isinstance(args[0], torch.Tensor):
                 return
             start = time.perf_counter()
             x = args[0]
@@ -209,7 +293,11 @@ def record(
             hit = seen.get(key)
             if hit is None or hit[0]() is None:
                 try:
-                    errors = input_errors(x, widths[name], power_of_two)
+                    prepared.append(
+                        prepare_input(
+                            x, widths[name], power_of_two, nonnegative=name in relu_fed
+                        )
+                    )
                 except NonFiniteError:
                     stats.non_finite = stats.non_finite or name
                     return
@@ -218,9 +306,9 @@ def record(
                         f"the input of layer {name}: {exc}; check the weights "
                         "and the input normalisation"
                     ) from None
-                hit = (weakref.ref(x), errors)
+                hit = (weakref.ref(x), len(prepared) - 1)
                 seen[key] = hit
-            stats.errors[name] = dict(hit[1])
+            which[name] = hit[1]
             stats.seconds += time.perf_counter() - start
 
         return run
@@ -231,3 +319,7 @@ def record(
     finally:
         for h in handles:
             h.remove()
+    start = time.perf_counter()
+    errors = score(prepared)
+    stats.errors.update({name: dict(errors[i]) for name, i in which.items()})
+    stats.seconds += time.perf_counter() - start

@@ -22,6 +22,7 @@ from ompq_plugin import __version__
 from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem, solve
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
+from ompq_plugin.device import on_device, resolve_device
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.features import WidthsFor, discover_and_stream
 from ompq_plugin.hw_profiles import load_profile
@@ -91,6 +92,7 @@ def run_search(
     labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
     avg_weight_bits: float | None = None,
     orm: bool = False,
+    device: str | torch.device | None = None,
 ) -> SearchResult:
     """Choose bits with ``method`` (see :mod:`ompq_plugin.methods`) and return the BitConfig
     with the ORM matrix and the solver's answer.
@@ -110,6 +112,9 @@ def run_search(
     ORM methods unless theta is identically 1 (``exp`` importance at beta 0, the default of
     ``ompq-noise``), or when ``orm`` asks for it (e.g. a plot). Otherwise ``SearchResult.orm``
     is None and the BitConfig's ``orm_form`` says "not computed".
+
+    ``device`` (``cpu``, ``cuda``): where the forward pass and the error tables run (see
+    :mod:`ompq_plugin.device`); by default where the model is. The model is moved back after.
     """
     start_all = time.perf_counter()
     if method not in METHODS:
@@ -134,112 +139,117 @@ def run_search(
         raise OmpqError("the search samples contain NaN/Inf; check the data and normalisation")
     if method == "hawq" and labelled is None:
         raise OmpqError("--method hawq needs labelled training images for its Hessian")
-    hw = load_profile(profile) if isinstance(profile, str) else profile
-    _check_buildable(hw)
-    limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
-    narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
+    target = resolve_device(device)
+    with on_device(model, target) as on:
+        samples = samples.to(on)
+        if labelled is not None:
+            labelled = (labelled[0].to(on), labelled[1].to(on))
+        hw = load_profile(profile) if isinstance(profile, str) else profile
+        _check_buildable(hw)
+        limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
+        narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
-    timings: dict[str, float] = {}
-    k: np.ndarray | None = None
-    gamma: dict[int, float] = {}
-    theta: dict[int, float] = {}
-    stats = None
-    # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
-    need_orm = method in ORM_METHODS and (orm or beta > 0 or importance_fn != "exp")
-    if method in ORM_METHODS:  # one pass: discovery, Grams and activation statistics
-        widths = _act_widths(model, hw, narrow, pins or {}, pin_first_last, method)
-        streamed = discover_and_stream(
-            model,
-            samples,
-            grams=need_orm,
-            centred=orm_form == "centred",
-            act_widths=widths,
-            power_of_two=hw.power_of_two_scales,
+        timings: dict[str, float] = {}
+        k: np.ndarray | None = None
+        gamma: dict[int, float] = {}
+        theta: dict[int, float] = {}
+        stats = None
+        # theta is identically 1 at beta 0 with the exp importance: the ORM would change nothing
+        need_orm = method in ORM_METHODS and (orm or beta > 0 or importance_fn != "exp")
+        if method in ORM_METHODS:  # one pass: discovery, Grams and activation statistics
+            widths = _act_widths(model, hw, narrow, pins or {}, pin_first_last, method)
+            streamed = discover_and_stream(
+                model,
+                samples,
+                grams=need_orm,
+                centred=orm_form == "centred",
+                act_widths=widths,
+                power_of_two=hw.power_of_two_scales,
+            )
+            found, grams, stats = streamed.layers, streamed.grams, streamed.act_stats
+            timings["features_s"] = grams.features_s - stats.seconds
+            if method == "ompq-noise":
+                timings["act_error_s"] = stats.seconds
+        else:
+            found = discover_layers(model, samples[:1])
+        if not allow_unsupported:
+            found.require_supported()
+        if avg_weight_bits is not None:
+            if not avg_weight_bits > 0:
+                raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
+            limits = limits.merged(Budgets(weight_memory_bits=avg_weight_bits * found.total_params))
+        pin_map = _pins(found, hw, pins or {}, pin_first_last)
+        alloc_layers = tuple(
+            _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
+            for layer in found.layers
         )
-        found, grams, stats = streamed.layers, streamed.grams, streamed.act_stats
-        timings["features_s"] = grams.features_s - stats.seconds
-        if method == "ompq-noise":
-            timings["act_error_s"] = stats.seconds
-    else:
-        found = discover_layers(model, samples[:1])
-    if not allow_unsupported:
-        found.require_supported()
-    if avg_weight_bits is not None:
-        if not avg_weight_bits > 0:
-            raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
-        limits = limits.merged(Budgets(weight_memory_bits=avg_weight_bits * found.total_params))
-    pin_map = _pins(found, hw, pins or {}, pin_first_last)
-    alloc_layers = tuple(
-        _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
-        for layer in found.layers
-    )
-    if method in ORM_METHODS and not need_orm:
-        theta = dict.fromkeys(_scored_indices(found, pin_first_last), 1.0)
-    elif method in ORM_METHODS:
-        start = time.perf_counter()
-        k = orm_matrix(grams.grams, orm_form)
-        for i in uninformative(grams.grams, orm_form):
-            warnings.warn(
-                f"layer {found.layers[i].name}: its feature is the same for all "
-                f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), so "
-                "ORM learns nothing about it; it is treated as unrelated to every other layer",
-                stacklevel=2,
-            )
-        scored = _scored_indices(found, pin_first_last)
-        gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
-        theta_sub = importance(gamma_sub, beta, importance_fn)
-        gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
-        theta = dict(zip(scored, theta_sub.tolist(), strict=True))
-        timings["orm_s"] = grams.gram_s + time.perf_counter() - start
+        if method in ORM_METHODS and not need_orm:
+            theta = dict.fromkeys(_scored_indices(found, pin_first_last), 1.0)
+        elif method in ORM_METHODS:
+            start = time.perf_counter()
+            k = orm_matrix(grams.grams, orm_form)
+            for i in uninformative(grams.grams, orm_form):
+                warnings.warn(
+                    f"layer {found.layers[i].name}: its feature is the same for all "
+                    f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), so "
+                    "ORM learns nothing about it; it is treated as unrelated to every other layer",
+                    stacklevel=2,
+                )
+            scored = _scored_indices(found, pin_first_last)
+            gamma_sub = gamma_from_orm(k[np.ix_(scored, scored)])
+            theta_sub = importance(gamma_sub, beta, importance_fn)
+            gamma = dict(zip(scored, gamma_sub.tolist(), strict=True))
+            theta = dict(zip(scored, theta_sub.tolist(), strict=True))
+            timings["orm_s"] = grams.gram_s + time.perf_counter() - start
 
-    problem = build_problem(
-        method, model, found, alloc_layers, limits, pin_map, hw,
-        theta=theta, act_errors=stats.errors if stats is not None else {},
-        labelled=labelled, seed=seed, timings=timings, act_weight=act_weight,
-    )
-    if method == "uniform":
-        default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
-        allocation = solve_uniform(problem, time_limit_s, frozenset(default_pins - set(pins or {})))
-    else:
-        allocation = solve(problem, time_limit_s=time_limit_s)
-    timings["solve_s"] = allocation.solve_s
-    timings["total_s"] = time.perf_counter() - start_all
+        problem = build_problem(
+            method, model, found, alloc_layers, limits, pin_map, hw,
+            theta=theta, act_errors=stats.errors if stats is not None else {},
+            labelled=labelled, seed=seed, timings=timings, act_weight=act_weight,
+        )
+        if method == "uniform":
+            default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
+            allocation = solve_uniform(problem, time_limit_s, frozenset(default_pins - set(pins or {})))
+        else:
+            allocation = solve(problem, time_limit_s=time_limit_s)
+        timings["solve_s"] = allocation.solve_s
+        timings["total_s"] = time.perf_counter() - start_all
 
-    config = BitConfig(
-        model=model_name or type(model).__name__,
-        profile=hw.name,
-        method=method,
-        layers=[
-            LayerBits(
-                name=layer.name,
-                kind=layer.kind,
-                weight_bits=allocation.weight_bits[layer.name],
-                act_bits=allocation.act_bits[layer.name],
-                params=layer.params,
-                macs=layer.macs,
-                input_numel=layer.input_numel,
-                act_group=layer.act_group,
-                theta=theta.get(i),
-                gamma=gamma.get(i),
-            )
-            for i, layer in enumerate(found.layers)
-        ],
-        budgets=limits,
-        beta=beta if method in ORM_METHODS else None,
-        act_weight=act_weight if method == "ompq-noise" else None,
-        samples=int(samples.shape[0]),
-        seed=seed,
-        orm_form=(orm_form if k is not None else ORM_NOT_COMPUTED) if method in ORM_METHODS
-        else None,
-        timings=timings,
-        versions=library_versions(),
-    )
-    free = {lay.name: lay.weight_choices for lay in alloc_layers if lay.name not in pin_map}
-    ends = range_ends({n: allocation.weight_bits[n] for n in free}, free)
-    return SearchResult(
-        config=config, layers=found, orm=k, allocation=allocation, problem=problem,
-        range_ends=ends,
-    )
+        config = BitConfig(
+            model=model_name or type(model).__name__,
+            profile=hw.name,
+            method=method,
+            layers=[
+                LayerBits(
+                    name=layer.name,
+                    kind=layer.kind,
+                    weight_bits=allocation.weight_bits[layer.name],
+                    act_bits=allocation.act_bits[layer.name],
+                    params=layer.params,
+                    macs=layer.macs,
+                    input_numel=layer.input_numel,
+                    act_group=layer.act_group,
+                    theta=theta.get(i),
+                    gamma=gamma.get(i),
+                )
+                for i, layer in enumerate(found.layers)
+            ],
+            budgets=limits,
+            beta=beta if method in ORM_METHODS else None,
+            act_weight=act_weight if method == "ompq-noise" else None,
+            samples=int(samples.shape[0]),
+            seed=seed,
+            orm_form=(orm_form if k is not None else ORM_NOT_COMPUTED) if method in ORM_METHODS
+            else None,
+            timings=timings,
+            versions=library_versions(),
+        )
+        free = {lay.name: lay.weight_choices for lay in alloc_layers if lay.name not in pin_map}
+        ends = range_ends({n: allocation.weight_bits[n] for n in free}, free)
+        return SearchResult(
+            config=config, layers=found, orm=k, allocation=allocation, problem=problem,
+            range_ends=ends,
+        )
 
 
 def _act_widths(

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         act_weight=args.act_weight,
         model_name=spec.name,
         seed=args.seed,
+        device=args.device,
     )
     front.save(args.output)
     if args.json:

@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """--beta, --samples and --seed, shared by `ompq search` and `ompq pareto`."""
+    """--beta, --samples, --seed and --device, shared by `ompq search` and `ompq pareto`."""
     p.add_argument("--beta", type=float, default=None,
                    help="importance spread for the ORM methods (default: the method's, "
                    + ", ".join(f"{m} {b}" for m, b in DEFAULT_BETA.items()) + ")")
@@ -76,6 +76,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s, chosen on a validation split)")
     p.add_argument("--samples", type=int, help="N search images (default: 64 ResNet, 32 MobileNet)")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of search images")
+    p.add_argument("--device", default="cpu",
+                   help="where the search's forward pass runs: cpu or cuda (default: %(default)s; "
+                   "the solver always runs on the CPU)")
 
 
 def _bit_list(text: str) -> list[int]:
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         labelled=labelled,
         avg_weight_bits=args.avg_weight_bits,
         orm=args.orm_plot is not None,
+        device=args.device,
     )
     config = result.config.with_model_info(spec)
     if not spec.pretrained:

@@ -142,18 +142,20 @@ def _rows_sq_errors(
         buckets.setdefault(length, []).append(i)
     for members in buckets.values():
         longest = max(rows[i].numel() for i in members)
+        first = rows[members[0]]
         if len(members) == 1:
-            x = rows[members[0]].reshape(1, -1)
+            x = first.reshape(1, -1)
         else:
-            x = torch.zeros(len(members), longest, dtype=torch.float32)
+            x = torch.zeros(len(members), longest, dtype=torch.float32, device=first.device)
             for row, i in zip(x, members, strict=True):
                 row[: rows[i].numel()] = rows[i]
         shape = (len(ranges[members[0]]), len(members), 1)  # widths x rows x 1
         table = [ranges[i] for i in members]
-        scale = torch.tensor([[r[2] for r in rs] for rs in table], dtype=x.dtype)
-        lo = torch.tensor([[float(r[0]) for r in rs] for rs in table], dtype=x.dtype)
-        hi = torch.tensor([[float(r[1]) for r in rs] for rs in table], dtype=x.dtype)
-        scale, lo, hi = (t.T.reshape(shape) for t in (scale, lo, hi))
+        scale, lo, hi = (
+            torch.tensor([[float(r[k]) for r in rs] for rs in table], device=x.device)
+            .T.reshape(shape)
+            for k in (2, 0, 1)
+        )
         q = x / scale
         q.round_()
         torch.minimum(q, hi, out=q)
@@ -217,7 +219,7 @@ def prepare_input(
         parts: tuple[tuple[torch.Tensor, float], ...] = ((flat.clone(), 1.0),)
     else:  # the top values exactly (signs kept), the rest through a spread sample
         cut = float(top_mag.min())
-        drawn = flat.index_select(0, _spread_indices(n, sample))
+        drawn = flat.index_select(0, _spread_indices(n, sample).to(flat.device))
         inside = (drawn.abs() if signed else drawn) < cut
         rest = drawn * inside  # the top values, scored exactly above, score 0 here
         kept = int(inside.sum())

@@ -45,7 +45,9 @@ def hutchinson_traces(
     for it in range(1, max_iter + 1):
         vs = [torch.randint(0, 2, tuple(s), generator=gen).double().mul_(2).sub_(1) for s in shapes]
         hv = hvp([v.float() for v in vs])
-        total += torch.tensor([float((v * h.double()).sum()) for v, h in zip(vs, hv, strict=True)])
+        total += torch.tensor(
+            [float((v * h.double().cpu()).sum()) for v, h in zip(vs, hv, strict=True)]
+        )
         mean = total / it
         if previous is not None:
             change = float((mean - previous).norm()) / (float(mean.norm()) + 1e-12)
@@ -109,7 +111,8 @@ def layer_traces(
     grads = torch.autograd.grad(loss, blocks, create_graph=True)
 
     def hvp(vs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        return torch.autograd.grad(grads, blocks, grad_outputs=vs, retain_graph=True)
+        moved = [v.to(b.device) for v, b in zip(vs, blocks, strict=True)]
+        return torch.autograd.grad(grads, blocks, grad_outputs=moved, retain_graph=True)
 
     result = hutchinson_traces(hvp, [b.shape for b in blocks], max_iter, tol, seed)
     n_w = len(weights)

@@ -128,7 +128,7 @@ def _stacked_errors(
         q = w / scale
         q.round_()
         if rule.power_of_two:  # |w| / scale reaches top + 1; a float scale stops at top
-            top = torch.tensor([2 ** (b - 1) - 1 for b in group], dtype=w.dtype)
+            top = torch.tensor([2 ** (b - 1) - 1 for b in group], dtype=w.dtype, device=w.device)
             top = top.reshape(-1, 1, 1, *ones)
             torch.minimum(q, top, out=q)
             torch.maximum(q, -top, out=q)

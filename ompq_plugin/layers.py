@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.quant_graph import RELU_FUNCTIONS, RELU_METHODS, RELU_MODULES
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 UNSUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
@@ -323,11 +324,6 @@ def feature_points(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]:
     }
 
 
-_RELU_TYPES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-
-
 def relu_fed_layers(model: nn.Module, graph: torch.fx.Graph) -> frozenset[str]:
     """Quantizable layers of ``graph`` whose input is the output of a ReLU (or ReLU6) itself:
     inputs known to have no negative value, without looking at them."""
@@ -339,7 +335,7 @@ def relu_fed_layers(model: nn.Module, graph: torch.fx.Graph) -> frozenset[str]:
         and isinstance(modules.get(str(n.target)), QUANTIZABLE_TYPES)
         and n.args
         and isinstance(n.args[0], torch.fx.Node)
-        and _is_op(n.args[0], modules, _RELU_TYPES, _RELU_FUNCTIONS, _RELU_METHODS)
+        and _is_op(n.args[0], modules, RELU_MODULES, RELU_FUNCTIONS, RELU_METHODS)
     )
 
 

@@ -32,12 +32,10 @@ are initialised from statistics: run :func:`ompq_plugin.ptq.calibrate` before us
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ompq_plugin.bitconfig import BitConfig
@@ -51,62 +49,31 @@ from ompq_plugin.graph_ops import (
     replace_adaptive_pools,
 )
 from ompq_plugin.hw_profiles.profile import HardwareProfile
+from ompq_plugin.quant_graph import (  # noqa: F401 - FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv re-exported
+    FOLDABLE_NORMS,
+    SUPPORTED_LAYERS,
+    FixedShortcutConv,
+    fold_batchnorms,
+    is_leaf_type,
+    is_non_tensor_use,
+    is_relu,
+    is_residual_add,
+    module_of,
+    owner_path,
+    set_submodule,
+    source_of,
+    trace_model,
+    unique_name,
+)
 from ompq_plugin.rounding import TieOffset, half_up
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
-FOLDABLE_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 SHORTCUT_WEIGHT_BITS = 2  # 0/1 weights are exact at any width >= 2 (narrow range, scale 1)
 
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6}
-_RELU_METHODS = {"relu", "relu_"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-# Ops that keep a Brevitas IntQuantTensor a QuantTensor on the same (or an exactly rescaled) grid.
-_TRANSPARENT_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.Flatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Identity,
-)
-_TRANSPARENT_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.dropout,
-    F.dropout2d,
-    F.pad,
-}
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous"}
-_NON_TENSOR_METHODS = {"size", "dim"}
 # Tensor methods a Brevitas QuantTensor has; any other method gets a plain tensor (see _dequant).
 _QUANT_TENSOR_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "size", "dim", "contiguous", "detach",
     "to", "cpu", "cuda", "relu", "relu_", "add", "add_",
 }
-
-
-class FixedShortcutConv(nn.Conv2d):
-    """Option-A shortcut as a frozen 1x1 stride-2 conv with 0/1 weights (never trained)."""
-
-    def __init__(self, in_planes: int, planes: int, pad_before: int) -> None:
-        super().__init__(in_planes, planes, kernel_size=1, stride=2, bias=False)
-        weight = torch.zeros(planes, in_planes, 1, 1)
-        for c in range(in_planes):
-            weight[pad_before + c, c, 0, 0] = 1.0
-        self.weight = nn.Parameter(weight, requires_grad=False)
 
 
 @dataclass
@@ -193,13 +160,13 @@ def _act_quantizer(quants: dict[str, type], bits: int, signed: bool) -> nn.Modul
 def _tie_offset(gm: fx.GraphModule, node: fx.Node, fixed: set[str]) -> fx.Node:
     """Insert a :class:`TieOffset` after the output of quantized layer ``node`` (with a bias,
     not a fixed shortcut conv) and return it; anything else is returned as it is."""
-    layer = _module_of(gm, node)
+    layer = module_of(gm, node)
     if layer is None or str(node.target) in fixed or getattr(layer, "bias", None) is None:
         return node
     if not hasattr(layer, "return_quant_tensor"):
         return node
     layer.return_quant_tensor = True  # TieOffset reads the accumulator scale, returns a tensor
-    name = _unique_name(gm, f"{node.target}_tie_offset")
+    name = unique_name(gm, f"{node.target}_tie_offset")
     gm.add_submodule(name, TieOffset())
     with gm.graph.inserting_after(node):
         offset = gm.graph.call_module(name, (node,))
@@ -247,85 +214,6 @@ def _quant_layer(module: nn.Module, bits: int, quants: dict[str, type], fixed: b
 
 
 # --------------------------------------------------------------------------------------------
-# graph helpers
-
-
-def _module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op == "call_module":
-        return gm.get_submodule(str(node.target))
-    return None
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(_module_of(gm, node), _RELU_MODULES)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _is_residual_add(node: fx.Node) -> bool:
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS
-    )
-    if not is_add or len(node.args) < 2:
-        return False
-    return all(isinstance(a, fx.Node) for a in node.args[:2]) and not node.kwargs.get("alpha")
-
-
-def _is_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(_module_of(gm, node), _TRANSPARENT_MODULES)
-    if node.op == "call_function":
-        if node.target is F.pad:
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
-            return mode == "constant" and not value
-        return node.target in _TRANSPARENT_FUNCTIONS
-    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
-
-
-def _is_non_tensor_use(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
-        return True
-    return node.op == "call_function" and node.target is getattr
-
-
-def _source_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Walk back from a layer's input through transparent ops to the tensor that gets quantized."""
-    while _is_transparent(gm, node) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def _unique_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while _has_attr_path(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def _has_attr_path(gm: nn.Module, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def _owner_path(node: fx.Node) -> str:
-    """Dotted path of the module whose forward created ``node`` ('' at top level)."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1]
-        if isinstance(path, tuple):
-            path = path[0]
-        return str(path)
-    return ""
-
-
-# --------------------------------------------------------------------------------------------
 # steps
 
 
@@ -346,7 +234,7 @@ def check_supported(model: nn.Module) -> None:
         # a module holding parameters of its own is checked on the traced graph (elementwise
         # uses stay float, weight-like uses are refused: graph_ops.float_parameters)
         own_params = any(True for _ in module.parameters(recurse=False))
-        if (_is_leaf_type(module) and own_params) or isinstance(
+        if (is_leaf_type(module) and own_params) or isinstance(
             module, nn.RNNBase | nn.MultiheadAttention | nn.modules.conv._ConvTransposeNd
         ):
             raise OmpqError(
@@ -354,11 +242,6 @@ def check_supported(model: nn.Module) -> None:
                 "only Conv1d, Conv2d (incl. grouped/depthwise), Linear, BatchNorm and LayerNorm "
                 "are supported; replace or remove it"
             )
-
-
-def _is_leaf_type(module: nn.Module) -> bool:
-    """A torch.nn module type, which torch.fx keeps as one opaque call."""
-    return type(module).__module__.startswith("torch.nn")
 
 
 def _replace_shortcuts(model: nn.Module) -> list[str]:
@@ -373,72 +256,6 @@ def _replace_shortcuts(model: nn.Module) -> list[str]:
                                                     module.pad_before))
             names.append(name)
     return names
-
-
-class _Tracer(fx.Tracer):
-    """Keeps every Conv/Linear/BatchNorm (subclasses too) and activation a single graph node."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaf_types = SUPPORTED_LAYERS + FOLDABLE_NORMS + _RELU_MODULES + _TRANSPARENT_MODULES
-        return isinstance(m, leaf_types) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except Exception as exc:  # noqa: BLE001 - fx raises many types
-        raise OmpqError(
-            f"{type(model).__name__} is not traceable by torch.fx ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); remove data-dependent control flow"
-        ) from None
-
-
-def _fold_batchnorms(gm: fx.GraphModule, float_ops: dict[str, str]) -> list[str]:
-    """Fold each BatchNorm into the Conv/Linear feeding it; one that follows no layer
-    (pre-activation) stays a float per-channel affine, recorded in ``float_ops``."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
-    folded = []
-    for node in list(gm.graph.nodes):
-        bn = _module_of(gm, node)
-        if not isinstance(bn, FOLDABLE_NORMS):
-            continue
-        if not bn.track_running_stats or bn.running_mean is None:
-            raise OmpqError(f"BatchNorm {node.target} has no running statistics to fold")
-        prev = node.args[0]
-        layer = _module_of(gm, prev) if isinstance(prev, fx.Node) else None
-        if (
-            not isinstance(layer, SUPPORTED_LAYERS)
-            or isinstance(layer, FixedShortcutConv)
-            or len(prev.users) != 1
-        ):
-            float_ops[str(node.target)] = "BatchNorm after no Conv/Linear: float affine"
-            continue
-        if isinstance(layer, nn.Linear):
-            fused = fuse_linear_bn_eval(layer, bn)
-        else:
-            fused = fuse_conv_bn_eval(layer, bn)
-        _set_submodule(gm, str(prev.target), fused)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        _delete_submodule(gm, str(node.target))
-        folded.append(str(node.target))
-    return folded
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
-
-
-def _delete_submodule(root: nn.Module, path: str) -> None:
-    parent_name, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    if hasattr(parent, attr):
-        delattr(parent, attr)
 
 
 def _match_names(layer_names: Iterable[str], bits: BitConfig) -> None:
@@ -481,8 +298,8 @@ def quantize(
     work = copy.deepcopy(model).eval()
     report = QuantizeReport()
     report.fixed_layers = _replace_shortcuts(work)
-    gm = _trace(work)
-    report.folded_norms = _fold_batchnorms(gm, report.float_ops)
+    gm = trace_model(work)
+    report.folded_norms = fold_batchnorms(gm, report.float_ops)
     for name, module in gm.named_modules():
         if isinstance(module, FLOAT_MODULES) and not isinstance(module, FOLDABLE_NORMS):
             report.float_ops[name] = f"{type(module).__name__}: float"
@@ -492,7 +309,7 @@ def quantize(
     graph = gm.graph
 
     layer_nodes = [
-        n for n in graph.nodes if isinstance(_module_of(gm, n), SUPPORTED_LAYERS)
+        n for n in graph.nodes if isinstance(module_of(gm, n), SUPPORTED_LAYERS)
     ]
     fixed = set(report.fixed_layers)
     _match_names({str(n.target) for n in layer_nodes if str(n.target) not in fixed}, bits)
@@ -501,28 +318,28 @@ def quantize(
     # 1. layers -> quant layers
     for node in layer_nodes:
         name = str(node.target)
-        if isinstance(_module_of(gm, node), nn.Module) and name in fixed:
+        if isinstance(module_of(gm, node), nn.Module) and name in fixed:
             qlayer = _quant_layer(gm.get_submodule(name), SHORTCUT_WEIGHT_BITS, quants, True)
             report.weight_bits[name] = SHORTCUT_WEIGHT_BITS
         else:
             wb = by_name[name].weight_bits
             qlayer = _quant_layer(gm.get_submodule(name), wb, quants, False)
             report.weight_bits[name] = wb
-        _set_submodule(gm, name, qlayer)
+        set_submodule(gm, name, qlayer)
 
     # 2. which tensors get a quantizer, and with how many bits
     need: dict[fx.Node, list[int]] = {}
     for node in layer_nodes:
         if not node.args or not isinstance(node.args[0], fx.Node):
             raise OmpqError(f"layer {node.target} is called without a tensor input")
-        src = _source_of(gm, node.args[0])
+        src = source_of(gm, node.args[0])
         contrib = need.setdefault(src, [])
         if str(node.target) not in fixed:
             contrib.append(by_name[str(node.target)].act_bits)
-    relus = [n for n in graph.nodes if _is_relu(gm, n)]
+    relus = [n for n in graph.nodes if is_relu(gm, n)]
     for r in relus:
         need.setdefault(r, [])
-    adds = [n for n in graph.nodes if _is_residual_add(n)]
+    adds = [n for n in graph.nodes if is_residual_add(n)]
     cats = [n for n in graph.nodes if is_cat(n)]
     default_bits = profile.pinned_act_bits
 
@@ -531,13 +348,13 @@ def quantize(
         if found:
             return max(found)
         # an add feeding a ReLU takes the ReLU's bits
-        users = [u for u in node.users if not _is_non_tensor_use(u)]
+        users = [u for u in node.users if not is_non_tensor_use(u)]
         if len(users) == 1 and users[0] in need and need[users[0]]:
             return max(need[users[0]])
         return default_bits
 
     def only_into_cats(node: fx.Node) -> bool:
-        users = [u for u in node.users if not _is_non_tensor_use(u)]
+        users = [u for u in node.users if not is_non_tensor_use(u)]
         return not need.get(node) and bool(users) and all(is_cat(u) for u in users)
 
     # 3. insert quantizers after each source (before adds, so adds see quantized operands); a
@@ -546,15 +363,15 @@ def quantize(
         if is_cat(src) or only_into_cats(src):
             continue
         nbits = bits_for(src)
-        signed = not _is_relu(gm, src)
+        signed = not is_relu(gm, src)
         if src.op == "placeholder":
             base = "input_quant"
         elif src.op == "call_module":
             base = f"{src.target}_quant"
         else:
-            owner = _owner_path(src)
+            owner = owner_path(src)
             base = f"{owner}.{src.name}_quant" if owner else f"{src.name}_quant"
-        qname = _unique_name(gm, base)
+        qname = unique_name(gm, base)
         gm.add_submodule(qname, _act_quantizer(quants, nbits, signed))
         report.act_quantizers[qname] = nbits
         if signed and ties_up:
@@ -566,9 +383,9 @@ def quantize(
     # 4. one shared quantizer on both inputs of each residual add
     for add in adds:
         nbits = bits_for(add)
-        owner = _owner_path(add)
+        owner = owner_path(add)
         base = f"{owner}.add_quant" if owner else f"{add.name}_quant"
-        qname = _unique_name(gm, base)
+        qname = unique_name(gm, base)
         gm.add_submodule(qname, _act_quantizer(quants, nbits, signed=True))
         report.act_quantizers[qname] = nbits
         report.shared_add_quantizers.append(qname)
@@ -585,10 +402,10 @@ def quantize(
     # concatenation read that quantizer's grid: it takes their bits)
     for cat in cats:
         parts = list(cat.args[0])
-        signed = not all(_is_relu(gm, p) for p in parts)
-        owner = _owner_path(cat)
+        signed = not all(is_relu(gm, p) for p in parts)
+        owner = owner_path(cat)
         base = f"{owner}.cat_quant" if owner else f"{cat.name}_quant"
-        qname = _unique_name(gm, base)
+        qname = unique_name(gm, base)
         nbits = bits_for(cat)
         gm.add_submodule(qname, _act_quantizer(quants, nbits, signed=signed))
         report.act_quantizers[qname] = nbits

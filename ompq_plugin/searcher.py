@@ -191,8 +191,9 @@ def run_search(
             for i in uninformative(grams.grams, orm_form):
                 warnings.warn(
                     f"layer {found.layers[i].name}: its feature is the same for all "
-                    f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), so "
-                    "ORM learns nothing about it; it is treated as unrelated to every other layer",
+                    f"{samples.shape[0]} search samples (e.g. an SE gate or a head at its bias), "
+                    "so ORM learns nothing about it; it is treated as unrelated to every other "
+                    "layer",
                     stacklevel=2,
                 )
             scored = _scored_indices(found, pin_first_last)
@@ -209,7 +210,8 @@ def run_search(
         )
         if method == "uniform":
             default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
-            allocation = solve_uniform(problem, time_limit_s, frozenset(default_pins - set(pins or {})))
+            soft = frozenset(default_pins - set(pins or {}))
+            allocation = solve_uniform(problem, time_limit_s, soft)
         else:
             allocation = solve(problem, time_limit_s=time_limit_s)
         timings["solve_s"] = allocation.solve_s

@@ -26,7 +26,6 @@ draws, 3 budgets, both ORM methods).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import time
 import weakref

@@ -15,11 +15,11 @@ from ompq_plugin.errors import OmpqError
 def folded_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BatchNorm folded (same function, same layer
     names), the weights ``quantize`` quantizes; ``model`` itself when folding is impossible."""
-    from ompq_plugin.quantizer import _fold_batchnorms, _trace
+    from ompq_plugin.quant_graph import fold_batchnorms, trace_model
 
     try:
-        gm = _trace(copy.deepcopy(model).eval())
-        _fold_batchnorms(gm, {})  # an unfoldable BatchNorm stays as it is: weights unchanged
+        gm = trace_model(copy.deepcopy(model).eval())
+        fold_batchnorms(gm, {})  # an unfoldable BatchNorm stays as it is: weights unchanged
         gm.recompile()
     except OmpqError:
         return model
@@ -37,7 +37,7 @@ def folded_weights(
     BatchNorm modules are single nodes (the layer discovery's), reused instead of tracing again;
     untraceable models keep their weights.
     """
-    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, _trace
+    from ompq_plugin.quant_graph import FOLDABLE_NORMS, SUPPORTED_LAYERS, trace_model
 
     exact = (*SUPPORTED_LAYERS, *FOLDABLE_NORMS)
     if graph is not None and any(  # a subclass may trace differently: trace as quantize does
@@ -46,7 +46,7 @@ def folded_weights(
         graph = None
     if graph is None:
         try:
-            graph = _trace(model).graph
+            graph = trace_model(model).graph
         except OmpqError:
             graph = None
     modules = dict(model.named_modules())
@@ -62,7 +62,7 @@ def _fold_into(
     """Replace, in ``out``, each layer's weight by its BatchNorm-folded weight."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-    from ompq_plugin.quantizer import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv
+    from ompq_plugin.quant_graph import FOLDABLE_NORMS, SUPPORTED_LAYERS, FixedShortcutConv
 
     for node in graph.nodes if graph is not None else ():
         bn = modules.get(str(node.target)) if node.op == "call_module" else None

@@ -206,7 +206,7 @@ def run_search(
         problem = build_problem(
             method, model, found, alloc_layers, limits, pin_map, hw,
             theta=theta, act_errors=stats.errors if stats is not None else {},
-            labelled=labelled, seed=seed, timings=timings, act_weight=act_weight,
+            labelled=labelled, seed=seed, timings=timings, act_weight=act_weight, samples=samples,
         )
         if method == "uniform":
             default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()

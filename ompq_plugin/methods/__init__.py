@@ -1,13 +1,15 @@
 """Bit-allocation methods: the registry and what each needs (see ``objectives`` for the maths).
 
-``ompq`` is the paper (Eq. 10); ``ompq-noise`` keeps ORM importance and scores each width by the
-quantization error it causes; ``uniform``, ``size-greedy``, ``hawq`` and ``random`` are baselines
-through the same solver and BitConfig.
+``ompq`` is the paper (Eq. 10); ``ompq-noise`` keeps ORM importance and scores each width by
+the quantization error it causes; ``uniform``, ``size-greedy``, ``hawq``, ``random`` and
+``measured`` are baselines through the same solver and BitConfig.
 """
 
 from __future__ import annotations
 
-METHODS: tuple[str, ...] = ("ompq-noise", "ompq", "uniform", "size-greedy", "hawq", "random")
+METHODS: tuple[str, ...] = (
+    "ompq-noise", "ompq", "uniform", "size-greedy", "hawq", "random", "measured"
+)
 ORM_METHODS = frozenset({"ompq", "ompq-noise"})
 DEFAULT_METHOD = "ompq-noise"
 # ompq: the authors' default. ompq-noise: beta 0 (theta = 1, the ORM does not weight the errors)
@@ -28,4 +30,6 @@ METHOD_HELP = {
     "size-greedy": "Eq. 10 with equal importance (most bits to the smallest layers)",
     "hawq": "HAWQ-V2/V3: Hessian trace x ||Q(W) - W||^2 (needs labelled images)",
     "random": "a random feasible configuration (seeded)",
+    "measured": "each layer quantized alone at each width, output distortion on the search "
+    "images (as Sony MCT; one forward pass per layer and width)",
 }

@@ -21,7 +21,7 @@ from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers
-from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, hawq
+from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, hawq, measured
 from ompq_plugin.methods.folding import folded_copy, folded_weights
 from ompq_plugin.methods.objectives import (
     group_noise_values,
@@ -74,6 +74,7 @@ def build_problem(
     act_errors: Mapping[str, Mapping[int, float]],
     labelled: tuple[torch.Tensor, torch.Tensor] | None,
     seed: int | None,
+    samples: torch.Tensor | None = None,
     timings: dict[str, float],
     act_weight: float = DEFAULT_ACT_WEIGHT,
 ) -> AllocationProblem:
@@ -118,6 +119,35 @@ def build_problem(
         ]
         w_val = hawq_values(tr.weight_traces, [w.numel() for w in weights], sq)
         a_val = _hawq_act_values(layers, tr, hw.power_of_two_scales)
+        return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
+    if method == "measured":
+        if samples is None:
+            raise OmpqError("--method measured needs the search images")
+        free_w = {
+            lay.name: lay.weight_choices
+            for lay in layers
+            if pins.get(lay.name, (None, None))[0] is None and len(lay.weight_choices) > 1
+        }
+        choices = _group_choices(layers)
+        free_a = {
+            g: ([names[i] for i in members], choices[g])
+            for g, members in _groups(layers).items()
+            if len(choices[g]) > 1
+            and all(pins.get(names[i], (None, None))[1] is None for i in members)
+        }
+        found_d = measured.measure(model, samples, free_w, free_a, rule)
+        timings["distortion_s"] = found_d.seconds
+        timings["distortion_forwards"] = float(found_d.forwards)
+        w_val = [
+            {b: -d for b, d in found_d.weights.get(lay.name, {}).items()}
+            or dict.fromkeys(lay.weight_choices, 0.0)
+            for lay in layers
+        ]
+        a_val = {
+            g: {a: -d for a, d in found_d.acts[g].items()} if g in found_d.acts
+            else dict.fromkeys(c, 0.0)
+            for g, c in choices.items()
+        }
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     raise OmpqError(f"unknown method {method!r}")
 

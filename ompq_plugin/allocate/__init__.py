@@ -50,9 +50,9 @@ def solve(
 ) -> Allocation:
     """Maximise the objective under the budgets; exact, proven optimal, never over budget.
 
-    ``solver``: "auto" runs the DP on Eq. 10 problems (HiGHS for instances too large for it)
-    and HiGHS on per-option problems (see :mod:`.solver`); "dp" or "highs" force one (for
-    cross-checks; "dp" then fails on too-large instances).
+    ``solver``: "auto" runs the DP, HiGHS taking over on instances too large for it and, for
+    per-option objectives, after half the time limit (see :mod:`.solver`); "dp" or "highs"
+    force one (for cross-checks; "dp" then fails on too-large instances).
     Raises InfeasibleBudgetError (naming the budget and its smallest achievable value) when no
     configuration meets the budgets, and OmpqError on bad input or when optimality is not
     proven within ``time_limit_s``.

@@ -1,12 +1,11 @@
-"""Which exact method solves a problem: the DP for Eq. 10, HiGHS for per-option objectives.
+"""Which exact method solves a problem: the DP first, HiGHS when the DP cannot finish.
 
-Measured on 90 ResNet-50 instances (``bench/results/solvers.json``): with the linear Eq. 10
-objective the DP was the fastest exact method on 56 of 60 instances (the other 4 within 0.1 s)
-and HiGHS left some unproven at 10 s; with error-shaped per-option values HiGHS proved all 30
-and the DP timed out on 4. So "auto" runs the DP on Eq. 10 problems (HiGHS when the DP's
-states outgrow its limit) and HiGHS on per-option problems -- except in a sweep
-(``dp_first``), where the DP's reused tables and incumbents make it the faster on per-option
-problems too (``bench/results/sweep_time.json``).
+Measured on 90 ResNet-50 instances (``bench/results/solvers.json``, 10 s limit, both solvers on
+the same machine and load): the DP (with the knapsack bounds of :mod:`.dp_memory`) proved all
+90, HiGHS 88; the DP was the faster on 74 (Eq. 10: 47 of 60; error-shaped per-option values:
+27 of 30, median 0.32 s against 1.09 s, worst 1.6 s against 5.5 s). So "auto" runs the DP;
+HiGHS takes over when the DP's states outgrow its limit and, on per-option problems (where the
+DP has no closed-form bound on its work), after half the time limit.
 """
 
 from __future__ import annotations
@@ -38,13 +37,9 @@ def solve_prepared(
     *,
     incumbent: Allocation | None = None,
     cache: DpCache | None = None,
-    dp_first: bool = False,
 ) -> Allocation:
     """:func:`solve` on a validated problem; ``incumbent`` (a configuration known to meet these
-    budgets) and ``cache`` let a sweep reuse work between nearby budgets. ``dp_first``: "auto"
-    tries the DP on per-option problems too (a sweep: with its cache and incumbent it is the
-    faster, see ``bench/results/sweep_time.json``), HiGHS taking over when the DP's states
-    outgrow its limit or after half the time limit."""
+    budgets) and ``cache`` let a sweep reuse work between nearby budgets."""
     if solver not in SOLVERS:
         raise OmpqError(f"unknown solver {solver!r}; use one of {SOLVERS}")
     check_feasible(problem, prep)
@@ -57,7 +52,7 @@ def solve_prepared(
             for lay in problem.layers
         ]
     per_option = problem.weight_value is not None or problem.act_value is not None
-    if solver == "dp" or (solver == "auto" and (dp_first or not per_option)):
+    if solver in ("dp", "auto"):
         handover = solver == "auto" and per_option
         try:
             chosen = solve_dp(

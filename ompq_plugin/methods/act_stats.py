@@ -1,13 +1,15 @@
 """Activation quantization errors measured on the search's own forward pass.
 
 A forward pre-hook on each layer sees the layer's input on the N search samples while the ORM
-features stream past (the hook runs inside the same single pass) and keeps only the relative
-error at each candidate width -- a handful of floats per layer, never the tensor. Layers reading
-the same tensor (one act group) share one measurement.
+features stream past (the hook runs inside the same single pass) and keeps a few thousand of
+its values (:func:`prepare_input`), never the tensor; when the pass ends, every layer's values
+are scored at every width together (:func:`score`). Layers reading the same tensor (one act
+group) share one measurement.
 
 Cost: scoring every width over the whole tensor cost 5x a float forward pass on ResNet-20
-(7 widths x 6 element-wise passes per layer input). :func:`input_errors` instead makes three
-passes over the tensor (energy, per-group minimum and maximum), whatever the widths:
+(7 widths x 6 element-wise passes per layer input). :func:`prepare_input` instead makes three
+passes over the tensor (energy, per-group minimum and maximum; two on a ReLU's output, which
+has no negative value to look for), whatever the widths:
 
 * the calibration threshold (99.999th percentile of ``|x|``) is exact, as before;
 * the *tail* (every element at or above a bound just under the threshold: every element any

@@ -4,7 +4,7 @@ with a separate environment that holds it:
 
     python -m venv --system-site-packages .finnvenv
     .finnvenv/bin/pip install --no-deps finn-plus==1.6.1 pandas pytz tzdata termcolor mashumaro \
-        scikit-learn joblib threadpoolctl narwhals onnx-passes psutil
+        scikit-learn joblib threadpoolctl narwhals onnx-passes psutil mip
     OMPQ_DATA_DIR=../shared/data nice -n 10 .finnvenv/bin/python bench/finn_flow.py \
         resnet20_finn.onnx --images 64 --limit 1500
 

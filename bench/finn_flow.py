@@ -4,7 +4,7 @@ with a separate environment that holds it:
 
     python -m venv --system-site-packages .finnvenv
     .finnvenv/bin/pip install --no-deps finn-plus==1.6.1 pandas pytz tzdata termcolor mashumaro \
-        scikit-learn joblib threadpoolctl narwhals onnx-passes psutil
+        scikit-learn joblib threadpoolctl narwhals onnx-passes psutil mip
     OMPQ_DATA_DIR=../shared/data nice -n 10 .finnvenv/bin/python bench/finn_flow.py \
         resnet20_finn.onnx --images 64 --limit 1500
 
@@ -20,7 +20,9 @@ Stages (each written to bench/results/finn_flow.json as soon as it ends):
    resnet.py), each flow under a wall-clock limit (``--limit`` seconds);
 
 after streamlining: max |diff| against qonnx, how many lowered convs read an integer tensor,
-and after convert-to-hw how many became MVAU / VVAU. Vivado-dependent steps are not run.
+and after convert-to-hw how many became MVAU / VVAU. Vivado-dependent steps are not run. ``run``
+(rewritten at every save): commit, library versions, load average, wall and CPU seconds so far
+(run_record.py).
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ def main() -> None:
     from ompq_plugin.exporters import targets as T
     from ompq_plugin.exporters.qonnx import run_qonnx
     from qonnx.core.modelwrapper import ModelWrapper
+    from run_record import RunRecord
     from test_export import real_images
 
     ap = argparse.ArgumentParser()
@@ -224,6 +227,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1500, help="seconds per FINN flow")
     ap.add_argument("--flows", default="default,resnet")
     args = ap.parse_args()
+    run = RunRecord(extra=("finn-plus",))
     data = Path(os.environ.get("OMPQ_DATA_DIR", HERE.parent.parent / "shared" / "data"))
     images = real_images(data, args.images).numpy()
     result: dict[str, Any] = {
@@ -237,14 +241,13 @@ def main() -> None:
     def save(key: str | None = None, value: Any = None) -> None:
         if key is not None:
             result[key] = value
+        result["run"] = run.to_json()
         OUT.parent.mkdir(exist_ok=True)
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(OUT)
 
-    import finn
-
-    result["versions"] = {"finn-plus": getattr(finn, "__version__", "1.6.1")}
+    result["versions"] = {"finn-plus": run.versions["finn-plus"]}
     model = onnx.load(args.onnx)
     t0 = time.perf_counter()
     ref = run_qonnx(model, images)

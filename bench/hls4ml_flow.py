@@ -3,7 +3,8 @@ weights, real weights, 128 calibration images), compared with qonnx on N real te
 
     OMPQ_DATA_DIR=../shared/data python bench/hls4ml_flow.py --images 64
 
-Writes bench/results/hls4ml_flow.json.
+Writes bench/results/hls4ml_flow.json (``run``: commit, library versions, load average, wall and
+CPU seconds, see run_record.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 def main() -> None:
     from ompq_plugin.exporters import export_qonnx
     from ompq_plugin.exporters.hls4ml_check import check_hls4ml
+    from run_record import RunRecord
     from test_export import quantized_resnet20, real_images
 
     ap = argparse.ArgumentParser()
@@ -32,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = Path(os.environ.get("OMPQ_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+    run = RunRecord(extra=("hls4ml",))
     t0 = time.perf_counter()
     q, bc = quantized_resnet20(data)
     images = real_images(data, args.images)
@@ -46,6 +49,7 @@ def main() -> None:
         "summary": result.summary(),
         "seconds_total": time.perf_counter() - t0,
         "machine": "2 CPU cores shared with other jobs (busy)",
+        "run": run.to_json(),
     }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "hls4ml_flow.json").write_text(json.dumps(out, indent=2) + "\n")

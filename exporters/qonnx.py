@@ -191,11 +191,35 @@ def _without_torchscript_lint() -> Iterator[None]:
         torch._C._jit_pass_lint = original
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch runs single-threaded for the duration of our export call (restored after).
+
+    The Brevitas export traces one image: thousands of small tensor ops (each weight quantized
+    several times, the trace, torch.onnx's passes), none of which gains from intra-op threads.
+    With two threads every op is an OpenMP parallel region whose threads spin-wait for each
+    other; on a machine whose cores are shared (load above the core count) each region then
+    costs milliseconds of spinning (a 37k-element ``torch.where``: 0.08 ms on one thread, 31 ms
+    on two at load 4 on 2 cores). The ops compute the same values on any number of threads
+    (elementwise ops, max reductions, one image), so the graph is the same (a test compares)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
                     path: Path, **options: Any) -> onnx.ModelProto:
     """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
     try:
-        with warnings.catch_warnings(), _without_torchscript_lint():
+        with warnings.catch_warnings(), _without_torchscript_lint(), _one_torch_thread():
             warnings.simplefilter("ignore")
             fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
     except OmpqError:

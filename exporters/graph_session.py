@@ -199,8 +199,13 @@ class Sessions:
         self._forced: dict[tuple[str, ...], Any] = {}
 
     def forced(self, tensors: tuple[str, ...]) -> Any:
+        """The session of :func:`forced_model` ``(model, tensors)``: built from the plain
+        session when it can (:meth:`GraphSession.forced`), else by the factory."""
         if tensors not in self._forced:
-            self._forced[tensors] = self.factory(forced_model(self.model, list(tensors)))
+            if hasattr(self.plain, "forced"):
+                self._forced[tensors] = self.plain.forced(tensors)
+            else:
+                self._forced[tensors] = self.factory(forced_model(self.model, list(tensors)))
         return self._forced[tensors]
 
 
@@ -225,8 +230,33 @@ class GraphSession:
         # the graph's own tensors (not the lowering's intermediates), weights' computed once
         wanted = [o for n in model.graph.node for o in n.output if o]
         lowered, folded, self.constants = fold_constants(lowered, set(wanted))
-        wanted = [o for o in wanted if o not in self.constants]
-        self.session, self.reason = _ort_session(lowered, wanted, folded), ""
+        self._wanted = [o for o in wanted if o not in self.constants]
+        # the lowered, folded graph, its large initializers handed over as arrays (for forced
+        # copies: see forced)
+        self._external = _external_arrays(lowered, folded)
+        self._prepared = lowered
+        self.session, self.reason = _session_of(lowered, self._wanted, self._external), ""
+
+    def forced(self, tensors: Sequence[str]) -> GraphSession:
+        """The session of :func:`forced_model` ``(self.model, tensors)``.
+
+        Forcing renames the outputs of some of the graph's own nodes and makes the tensors graph
+        inputs; lowering keeps those nodes' outputs and folding leaves them (an activation is not
+        computed from constants only), so the forced copy of this session's lowered, folded graph
+        is the lowered, folded forced graph: the same nodes, the same values handed over, and
+        nothing lowered, folded or converted a second time. A tensor that is a folded constant
+        (or a graph run by qonnx) gets the forced graph built from scratch."""
+        if self.session is None or not self.constants.keys().isdisjoint(tensors):
+            return GraphSession(forced_model(self.model, tensors))
+        renamed = {t: t + "__ompq_graph" for t in tensors}
+        out = GraphSession.__new__(GraphSession)
+        out.model, out.output, out.constants = self.model, self.output, self.constants
+        out.lowered, out.reason = self.lowered, ""
+        out._wanted = [renamed.get(o, o) for o in self._wanted]
+        out._external = self._external
+        out._prepared = forced_model(self._prepared, tensors)
+        out.session = _session_of(out._prepared, out._wanted, out._external)
+        return out
 
     @property
     def engine(self) -> str:
@@ -313,15 +343,15 @@ def _ort_session(
     Initializers of 4 KiB or more (and every data-less one, whose value is in ``arrays``) are
     handed to onnxruntime as arrays (``SessionOptions.add_external_initializers``) instead of
     inside the serialized model: a VGG's 500 MB of weights are then not serialized and parsed."""
-    import onnxruntime as ort
+    return _session_of(model, outputs, _external_arrays(model, arrays or {}))
 
-    produced = {o for n in model.graph.node for o in n.output}
-    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
-    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
-    opts = ort.SessionOptions()
-    arrays = arrays or {}
-    names, values = [], []
+
+def _external_arrays(
+    model: onnx.ModelProto, arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every initializer of ``model`` of 4 KiB or more, and every data-less one (whose value is
+    in ``arrays``), made external in place (:func:`_mark_external`); their values, contiguous."""
+    out = {}
     for t in model.graph.initializer:
         value = arrays.get(t.name)
         if value is None and _nbytes(t) >= 4096:
@@ -331,10 +361,27 @@ def _ort_session(
         if value is not None:
             value = np.ascontiguousarray(value)
             _mark_external(t, value)
-            names.append(t.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(value))
-    if names:
-        opts.add_external_initializers(names, values)
+            out[t.name] = value
+    return out
+
+
+def _session_of(
+    model: onnx.ModelProto, outputs: Sequence[str], external: dict[str, np.ndarray]
+) -> Any:
+    """The session of ``model`` (its external initializers' values in ``external``, see
+    :func:`_external_arrays`) whose outputs are those of ``outputs`` it has; sets the model's
+    graph outputs to them."""
+    import onnxruntime as ort
+
+    produced = {o for n in model.graph.node for o in n.output}
+    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
+    opts = ort.SessionOptions()
+    if external:
+        opts.add_external_initializers(
+            list(external), [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+        )
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:

@@ -37,7 +37,14 @@ from . import targets as T
 from . import verify as V
 from .export_report import DEFAULT_TOL, ExportReport
 from .qonnx_verify import Verification, verify_qonnx
-from .torch_side import as_images, expected_bits, find_bitconfig, forward_order, quant_layers
+from .torch_side import (
+    as_images,
+    expected_bits,
+    find_bitconfig,
+    forward_order,
+    one_torch_thread,
+    quant_layers,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -191,35 +198,11 @@ def _without_torchscript_lint() -> Iterator[None]:
         torch._C._jit_pass_lint = original
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """torch runs single-threaded for the duration of our export call (restored after).
-
-    The Brevitas export traces one image: thousands of small tensor ops (each weight quantized
-    several times, the trace, torch.onnx's passes), none of which gains from intra-op threads.
-    With two threads every op is an OpenMP parallel region whose threads spin-wait for each
-    other; on a machine whose cores are shared (load above the core count) each region then
-    costs milliseconds of spinning (a 37k-element ``torch.where``: 0.08 ms on one thread, 31 ms
-    on two at load 4 on 2 cores). The ops compute the same values on any number of threads
-    (elementwise ops, max reductions, one image), so the graph is the same (a test compares)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
                     path: Path, **options: Any) -> onnx.ModelProto:
     """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
     try:
-        with warnings.catch_warnings(), _without_torchscript_lint(), _one_torch_thread():
+        with warnings.catch_warnings(), _without_torchscript_lint(), one_torch_thread():
             warnings.simplefilter("ignore")
             fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
     except OmpqError:
@@ -287,46 +270,48 @@ def export_qonnx(
     was_training = qmodel.training
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
-    try:
-        expected = expected_bits(qmodel, bits)
-        with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
-            from brevitas.export import export_qonnx as brevitas_qonnx
+    with one_torch_thread():  # (see there: the same values, far less time on busy cores)
+        try:
+            expected = expected_bits(qmodel, bits)
+            with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
+                from brevitas.export import export_qonnx as brevitas_qonnx
 
-            raw = brevitas_export(brevitas_qonnx, qmodel, images[:1], Path(tmp) / "raw.onnx")
-        t_export = time.perf_counter()
-        annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
-        target = target or T.target_for_profile(bits.profile if bits is not None else None)
-        if target not in T.TARGETS:
-            raise OmpqError(f"unknown export target {target!r}; use one of "
-                            f"{', '.join(T.TARGETS)}")
-        model = qonnx_cleanup(raw)
-        prepared = T.prepare_for_target(model, target)
-        if rounds_half_up(qmodel):  # an attribute change: needs no cleanup
-            prepared["act_rounding"] = HALF_UP
-            prepared["act_quants_half_up"] = T.set_act_rounding(model, HALF_UP)
-        # shapes and names for nodes the target step added (a 0-d bias scale made (1,) needs
-        # none, and a second cleanup costs as much as the first on a torchvision-size model)
-        quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
-        if any(v for k, v in prepared.items() if k not in quiet):
-            model = qonnx_cleanup(model)
-        t_clean = time.perf_counter()
-        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
-        t_verify = time.perf_counter()
-        node_map = write_metadata(model, "qonnx", bits, ver)
-        hls_config = T.hls4ml_config(model) if target == "hls4ml" else None
-        V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
-            {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
-        # the annotations must survive a save / load round trip before the file counts
-        reloaded = onnx.load_from_string(model.SerializeToString())
-        if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
-            raise OmpqError("annotations did not survive serialisation; report this bug")
-        written = save_atomic(model, path)
-        config_path = None
-        if hls_config is not None:
-            config_path = hls4ml_config_path(path)
-            write_text_atomic(config_path, json.dumps({"LayerName": hls_config}, indent=2) + "\n")
-    finally:
-        qmodel.train(was_training)
+                raw = brevitas_export(brevitas_qonnx, qmodel, images[:1], Path(tmp) / "raw.onnx")
+            t_export = time.perf_counter()
+            annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
+            target = target or T.target_for_profile(bits.profile if bits is not None else None)
+            if target not in T.TARGETS:
+                raise OmpqError(f"unknown export target {target!r}; use one of "
+                                f"{', '.join(T.TARGETS)}")
+            model = qonnx_cleanup(raw)
+            prepared = T.prepare_for_target(model, target)
+            if rounds_half_up(qmodel):  # an attribute change: needs no cleanup
+                prepared["act_rounding"] = HALF_UP
+                prepared["act_quants_half_up"] = T.set_act_rounding(model, HALF_UP)
+            # shapes and names for nodes the target step added (a 0-d bias scale made (1,) needs
+            # none, and a second cleanup costs as much as the first on a torchvision-size model)
+            quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
+            if any(v for k, v in prepared.items() if k not in quiet):
+                model = qonnx_cleanup(model)
+            t_clean = time.perf_counter()
+            ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
+            t_verify = time.perf_counter()
+            node_map = write_metadata(model, "qonnx", bits, ver)
+            hls_config = T.hls4ml_config(model) if target == "hls4ml" else None
+            V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
+                {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
+            # the annotations must survive a save / load round trip before the file counts
+            reloaded = onnx.load_from_string(model.SerializeToString())
+            if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
+                raise OmpqError("annotations did not survive serialisation; report this bug")
+            written = save_atomic(model, path)
+            config_path = None
+            if hls_config is not None:
+                config_path = hls4ml_config_path(path)
+                write_text_atomic(config_path,
+                                  json.dumps({"LayerName": hls_config}, indent=2) + "\n")
+        finally:
+            qmodel.train(was_training)
     return ExportReport(
         path=written, format="qonnx", layers=ver.layers, node_map=node_map,
         target=target, hls4ml_config=config_path,

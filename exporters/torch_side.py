@@ -3,6 +3,8 @@ example images as a batch."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,3 +85,31 @@ def as_images(example_input: Any, qmodel: nn.Module | None = None) -> torch.Tens
     if x.shape[0] == 0:
         raise OmpqError("example_input is empty: pass a few real images (N x C x H x W)")
     return x.float()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch runs single-threaded inside (its thread count restored after; a no-op when it is
+    already one).
+
+    An export's torch work is many small ops on one image (the Brevitas export: each weight
+    quantized several times, the trace, torch.onnx's passes) or on a few images (the
+    verification's reference pass). With two threads every op is an OpenMP parallel region whose
+    threads spin-wait for each other; on cores shared with other processes (load above the
+    core count) a region then costs milliseconds of spinning: a 37k-element ``torch.where`` took
+    0.08 ms on one thread and 31 ms on two (2 cores, load 4), the verification's reference pass
+    of EfficientNet-V2-S on 8 images 1.35 CPU-s on one thread and 14.5 on two (load 7). The
+    values do not depend on it: elementwise ops and max reductions are the same on any number
+    of threads, and the exported graphs and reference outputs of the benchmark's models were
+    byte-identical both ways (tests/test_export_speedups.py compares on a small model)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ from ompq_plugin.models import build_model
 def _raw(q: torch.nn.Module, x: torch.Tensor, tmp_path) -> onnx.ModelProto:  # noqa: ANN001
     from brevitas.export import export_qonnx
 
-    return brevitas_export(export_qonnx, q, x[:1], tmp_path / "raw.onnx")
+    return brevitas_export(export_qonnx, q, x[:1])
 
 
 def _summary(model: onnx.ModelProto) -> dict:
@@ -219,3 +219,46 @@ def test_forced_session_from_the_plain_one_computes_what_a_fresh_one_computes(tm
     again = sessions.plain.run(feeds)
     for k, v in ctx.items():
         np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_shape_inference_without_the_weights_gives_what_onnx_gives(tmp_path):
+    from ompq_plugin.exporters import light_shapes
+
+    torch.manual_seed(0)
+    model, _ = build_model("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    raw = _raw(_quantized(model, x), x, tmp_path)
+    before = raw.SerializeToString()
+    assert light_shapes.detachable(raw)  # the conv weights (ResNet-20: up to 147 KiB)
+    ours = light_shapes.infer_shapes(raw)
+    assert raw.SerializeToString() == before  # the input is left as it was
+    theirs = onnx.shape_inference.infer_shapes(raw)
+    assert len(theirs.graph.value_info) > len(raw.graph.value_info)
+    assert ours.SerializeToString() == theirs.SerializeToString()
+
+
+def test_data_a_shape_may_depend_on_is_never_detached():
+    from ompq_plugin.exporters import light_shapes
+
+    h = onnx.helper
+    big = numpy_helper.from_array(np.arange(2048, dtype=np.int64), "big_shape")
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    small = numpy_helper.from_array(np.ones((2, 2), np.float32), "small")
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        h.make_node("Reshape", ["y", "big_shape"], ["z"], name="reshape"),
+        h.make_node("Add", ["big_shape", "big_shape"], ["s"], name="add"),
+        h.make_node("Mul", ["small", "small"], ["t"], name="mul"),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [h.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in ("z", "t")],
+        [big, w, small],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    before = model.SerializeToString()
+    assert light_shapes.detachable(model) == [1]  # w only (small: under 4 KiB)
+    with pytest.raises(RuntimeError), light_shapes.data_detached(model) as data:
+        assert list(data) == [1] and not model.graph.initializer[1].raw_data
+        raise RuntimeError
+    assert model.SerializeToString() == before  # put back after an error too

@@ -282,48 +282,46 @@ def export_qonnx(
     was_training = qmodel.training
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)
-    with one_torch_thread():  # (see there: the same values, far less time on busy cores)
-        try:
-            expected = expected_bits(qmodel, bits)
-            from brevitas.export import export_qonnx as brevitas_qonnx
+    try:
+        expected = expected_bits(qmodel, bits)
+        from brevitas.export import export_qonnx as brevitas_qonnx
 
-            raw = brevitas_export(brevitas_qonnx, qmodel, images[:1])
-            t_export = time.perf_counter()
-            annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
-            target = target or T.target_for_profile(bits.profile if bits is not None else None)
-            if target not in T.TARGETS:
-                raise OmpqError(f"unknown export target {target!r}; use one of "
-                                f"{', '.join(T.TARGETS)}")
-            model = qonnx_cleanup(raw)
-            prepared = T.prepare_for_target(model, target)
-            if rounds_half_up(qmodel):  # an attribute change: needs no cleanup
-                prepared["act_rounding"] = HALF_UP
-                prepared["act_quants_half_up"] = T.set_act_rounding(model, HALF_UP)
-            # shapes and names for nodes the target step added (a 0-d bias scale made (1,) needs
-            # none, and a second cleanup costs as much as the first on a torchvision-size model)
-            quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
-            if any(v for k, v in prepared.items() if k not in quiet):
-                model = qonnx_cleanup(model)
-            t_clean = time.perf_counter()
-            ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
-            t_verify = time.perf_counter()
-            node_map = write_metadata(model, "qonnx", bits, ver)
-            hls_config = T.hls4ml_config(model) if target == "hls4ml" else None
-            V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
-                {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
-            # the annotations must survive a save / load round trip before the file counts
-            serialized = model.SerializeToString()  # (once: a VGG's is 530 MB)
-            reloaded = onnx.load_from_string(serialized)
-            if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
-                raise OmpqError("annotations did not survive serialisation; report this bug")
-            written = save_atomic(model, path, serialized)
-            config_path = None
-            if hls_config is not None:
-                config_path = hls4ml_config_path(path)
-                write_text_atomic(config_path,
-                                  json.dumps({"LayerName": hls_config}, indent=2) + "\n")
-        finally:
-            qmodel.train(was_training)
+        raw = brevitas_export(brevitas_qonnx, qmodel, images[:1])
+        t_export = time.perf_counter()
+        annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
+        target = target or T.target_for_profile(bits.profile if bits is not None else None)
+        if target not in T.TARGETS:
+            raise OmpqError(f"unknown export target {target!r}; use one of "
+                            f"{', '.join(T.TARGETS)}")
+        model = qonnx_cleanup(raw)
+        prepared = T.prepare_for_target(model, target)
+        if rounds_half_up(qmodel):  # an attribute change: needs no cleanup
+            prepared["act_rounding"] = HALF_UP
+            prepared["act_quants_half_up"] = T.set_act_rounding(model, HALF_UP)
+        # shapes and names for nodes the target step added (a 0-d bias scale made (1,) needs
+        # none, and a second cleanup costs as much as the first on a torchvision-size model)
+        quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
+        if any(v for k, v in prepared.items() if k not in quiet):
+            model = qonnx_cleanup(model)
+        t_clean = time.perf_counter()
+        ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
+        t_verify = time.perf_counter()
+        node_map = write_metadata(model, "qonnx", bits, ver)
+        hls_config = T.hls4ml_config(model) if target == "hls4ml" else None
+        V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
+            {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
+        # the annotations must survive a save / load round trip before the file counts
+        serialized = model.SerializeToString()  # (once: a VGG's is 530 MB)
+        reloaded = onnx.load_from_string(serialized)
+        if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
+            raise OmpqError("annotations did not survive serialisation; report this bug")
+        written = save_atomic(model, path, serialized)
+        config_path = None
+        if hls_config is not None:
+            config_path = hls4ml_config_path(path)
+            write_text_atomic(config_path, json.dumps({"LayerName": hls_config}, indent=2) + "\n")
+    finally:
+        qmodel.train(was_training)
     return ExportReport(
         path=written, format="qonnx", layers=ver.layers, node_map=node_map,
         target=target, hls4ml_config=config_path,

@@ -17,7 +17,7 @@ from . import forced_check as F
 from . import graph_session as GS
 from . import verify as V
 from .export_report import DEFAULT_TOL, LayerExport
-from .torch_side import as_images, expected_bits, find_bitconfig, one_torch_thread
+from .torch_side import as_images, expected_bits, find_bitconfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,20 +68,7 @@ def verify_qonnx(
     The graph runs in one onnxruntime session (:class:`graph_session.GraphSession`: QONNX ops
     lowered to the standard ops computing the same values); torch runs the images as one batch,
     and an image that disagrees is checked again from a one-image torch pass (as the graph runs)
-    before anything is refused. torch runs single-threaded (:func:`torch_side.one_torch_thread`)."""
-    with one_torch_thread():
-        return _verify(model, qmodel, example_input, bits, tol, exact, session_factory)
-
-
-def _verify(
-    model: onnx.ModelProto,
-    qmodel: nn.Module,
-    example_input: Any,
-    bits: BitConfig | None,
-    tol: float,
-    exact: bool | None,
-    session_factory: Callable[[onnx.ModelProto], Any],
-) -> Verification:
+    before anything is refused."""
     images = as_images(example_input, qmodel)
     qmodel.eval()
     bits = find_bitconfig(qmodel, bits)

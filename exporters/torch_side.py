@@ -90,18 +90,19 @@ def as_images(example_input: Any, qmodel: nn.Module | None = None) -> torch.Tens
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch runs single-threaded inside (its thread count restored after; a no-op when it is
-    already one).
+    already one). For the Brevitas export (:func:`exporters.qonnx.brevitas_export`).
 
-    An export's torch work is many small ops on one image (the Brevitas export: each weight
-    quantized several times, the trace, torch.onnx's passes) or on a few images (the
-    verification's reference pass). With two threads every op is an OpenMP parallel region whose
-    threads spin-wait for each other; on cores shared with other processes (load above the
-    core count) a region then costs milliseconds of spinning: a 37k-element ``torch.where`` took
-    0.08 ms on one thread and 31 ms on two (2 cores, load 4), the verification's reference pass
-    of EfficientNet-V2-S on 8 images 1.35 CPU-s on one thread and 14.5 on two (load 7). The
-    values do not depend on it: elementwise ops and max reductions are the same on any number
-    of threads, and the exported graphs and reference outputs of the benchmark's models were
-    byte-identical both ways (tests/test_export_speedups.py compares on a small model)."""
+    The Brevitas export traces one image: thousands of small tensor ops (each weight quantized
+    several times, the trace, torch.onnx's passes), none of which gains from intra-op threads.
+    With two threads every op is an OpenMP parallel region whose threads spin-wait for each
+    other; on cores shared with other processes (load above the core count) a region then
+    costs milliseconds of spinning: a 37k-element ``torch.where`` took 0.08 ms on one thread
+    and 31 ms on two (2 cores, load 4); DenseNet-121's Brevitas export took 52.8 s on two
+    threads (load 3.6) and 19.8 s on one (load 5.2). The graph does not depend on it (elementwise ops and max reductions; the
+    benchmark's graphs were byte-identical both ways, tests/test_export_speedups.py compares).
+    Not for the verification's torch reference: a convolution or matrix product sums in an
+    order that depends on the thread count (ResNet-50's rounding-boundary flips went from 8 to
+    12 on one thread), so its figures would change."""
     import torch
 
     threads = torch.get_num_threads()

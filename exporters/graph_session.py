@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ompq_plugin.errors import OmpqError
-
+from .ort_session import dataless, external_arrays, ort_session, session_of
 from .verify import Graph
 
 QONNX_DOMAIN_PREFIX = "qonnx.custom_op"
@@ -233,9 +232,9 @@ class GraphSession:
         self._wanted = [o for o in wanted if o not in self.constants]
         # the lowered, folded graph, its large initializers handed over as arrays (for forced
         # copies: see forced)
-        self._external = _external_arrays(lowered, folded)
+        self._external = external_arrays(lowered, folded)
         self._prepared = lowered
-        self.session, self.reason = _session_of(lowered, self._wanted, self._external), ""
+        self.session, self.reason = session_of(lowered, self._wanted, self._external), ""
 
     def forced(self, tensors: Sequence[str]) -> GraphSession:
         """The session of :func:`forced_model` ``(self.model, tensors)``.
@@ -255,7 +254,7 @@ class GraphSession:
         out._wanted = [renamed.get(o, o) for o in self._wanted]
         out._external = self._external
         out._prepared = forced_model(self._prepared, tensors)
-        out.session = _session_of(out._prepared, out._wanted, out._external)
+        out.session = session_of(out._prepared, out._wanted, out._external)
         return out
 
     @property
@@ -283,7 +282,7 @@ def fold_constants(
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``model`` without the nodes computed from constants only, their outputs consumed by the
     other nodes made initializers (marked external, without data: their values are the second
-    result, which :func:`_ort_session` hands to onnxruntime); and the values of those outputs
+    result, which :func:`ort_session` hands to onnxruntime); and the values of those outputs
     named in ``keep``. The folded nodes
     run in one onnxruntime session (graph optimisations off), as they would in the graph.
     Nodes producing a graph output stay."""
@@ -312,7 +311,7 @@ def fold_constants(
     )
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     sub_model.ir_version = model.ir_version
-    values = dict(zip(needed, _ort_session(sub_model, needed).run(needed, {}), strict=True))
+    values = dict(zip(needed, ort_session(sub_model, needed).run(needed, {}), strict=True))
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -321,100 +320,5 @@ def fold_constants(
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
     arrays = {o: values[o] for o in needed if o in used}
-    out.graph.initializer.extend(_dataless(o, v) for o, v in arrays.items())
+    out.graph.initializer.extend(dataless(o, v) for o, v in arrays.items())
     return out, arrays, {o: values[o] for o in needed if o in keep}
-
-
-def _dataless(name: str, value: np.ndarray) -> onnx.TensorProto:
-    """An initializer with ``value``'s name, type and shape and no data (see
-    :func:`_mark_external`)."""
-    t = onnx.TensorProto(name=name)
-    _mark_external(t, value)
-    return t
-
-
-def _ort_session(
-    model: onnx.ModelProto,
-    outputs: Sequence[str],
-    arrays: dict[str, np.ndarray] | None = None,
-) -> Any:
-    """An onnxruntime session (graph optimisations off) whose outputs are ``outputs``.
-
-    Initializers of 4 KiB or more (and every data-less one, whose value is in ``arrays``) are
-    handed to onnxruntime as arrays (``SessionOptions.add_external_initializers``) instead of
-    inside the serialized model: a VGG's 500 MB of weights are then not serialized and parsed."""
-    return _session_of(model, outputs, _external_arrays(model, arrays or {}))
-
-
-def _external_arrays(
-    model: onnx.ModelProto, arrays: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Every initializer of ``model`` of 4 KiB or more, and every data-less one (whose value is
-    in ``arrays``), made external in place (:func:`_mark_external`); their values, contiguous."""
-    out = {}
-    for t in model.graph.initializer:
-        value = arrays.get(t.name)
-        if value is None and _nbytes(t) >= 4096:
-            value = numpy_helper.to_array(t)
-            if onnx.helper.np_dtype_to_tensor_dtype(value.dtype) != t.data_type:
-                value = None  # e.g. int4, unpacked by to_array: stays in the model
-        if value is not None:
-            value = np.ascontiguousarray(value)
-            _mark_external(t, value)
-            out[t.name] = value
-    return out
-
-
-def _session_of(
-    model: onnx.ModelProto, outputs: Sequence[str], external: dict[str, np.ndarray]
-) -> Any:
-    """The session of ``model`` (its external initializers' values in ``external``, see
-    :func:`_external_arrays`) whose outputs are those of ``outputs`` it has; sets the model's
-    graph outputs to them."""
-    import onnxruntime as ort
-
-    produced = {o for n in model.graph.node for o in n.output}
-    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
-    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
-    opts = ort.SessionOptions()
-    if external:
-        opts.add_external_initializers(
-            list(external), [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
-        )
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:400]})") from None
-    return session
-
-
-def _mark_external(t: onnx.TensorProto, value: np.ndarray) -> None:
-    """Make ``t`` an external-data initializer of ``value``'s type and shape, whose data
-    onnxruntime then takes from ``SessionOptions.add_external_initializers`` (copied in)."""
-    name = t.name
-    t.Clear()
-    t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    t.dims.extend(value.shape)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for key, val in (
-        ("location", "ompq-in-memory"),
-        ("offset", "0"),
-        ("length", str(value.nbytes)),
-    ):
-        t.external_data.add(key=key, value=val)
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    """Size of an initializer's values in bytes (0 for strings and unknown types)."""
-    if t.data_type == onnx.TensorProto.STRING:
-        return 0
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize

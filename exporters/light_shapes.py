@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import onnx
 
+from .ort_session import nbytes
+
 MIN_BYTES = 4096
 # standard ops whose ONNX shape inference uses only the types and shapes of their inputs
 VALUE_FREE_OPS = frozenset({
@@ -46,21 +48,9 @@ def detachable(model: onnx.ModelProto) -> list[int]:
     for k, t in enumerate(graph.initializer):
         nodes = readers.get(t.name, [])
         if (nodes and t.name not in outputs and t.HasField("raw_data")
-                and _nbytes(t) >= MIN_BYTES and all(_value_free(n) for n in nodes)):
+                and nbytes(t) >= MIN_BYTES and all(_value_free(n) for n in nodes)):
             found.append(k)
     return found
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    """Size of an initializer's values from its type and dimensions (0 if unknown)."""
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
-    count = 1
-    for d in t.dims:
-        count *= d
-    return count * itemsize
 
 
 @contextlib.contextmanager

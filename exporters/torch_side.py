@@ -98,8 +98,9 @@ def one_torch_thread() -> Iterator[None]:
     other; on cores shared with other processes (load above the core count) a region then
     costs milliseconds of spinning: a 37k-element ``torch.where`` took 0.08 ms on one thread
     and 31 ms on two (2 cores, load 4); DenseNet-121's Brevitas export took 52.8 s on two
-    threads (load 3.6) and 19.8 s on one (load 5.2). The graph does not depend on it (elementwise ops and max reductions; the
-    benchmark's graphs were byte-identical both ways, tests/test_export_speedups.py compares).
+    threads (load 3.6) and 19.8 s on one (load 5.2). The graph does not depend on it
+    (elementwise ops and max reductions; the benchmark's graphs were byte-identical both ways,
+    tests/test_export_speedups.py compares).
     Not for the verification's torch reference: a convolution or matrix product sums in an
     order that depends on the thread count (ResNet-50's rounding-boundary flips went from 8 to
     12 on one thread), so its figures would change."""

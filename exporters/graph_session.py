@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .ort_session import dataless, external_arrays, ort_session, session_of
+from .ort_session import dataless, external_arrays, large_array, ort_session, session_of
 from .verify import Graph
 
 QONNX_DOMAIN_PREFIX = "qonnx.custom_op"
@@ -280,45 +280,49 @@ class GraphSession:
 def fold_constants(
     model: onnx.ModelProto, keep: set[str]
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``model`` without the nodes computed from constants only, their outputs consumed by the
-    other nodes made initializers (marked external, without data: their values are the second
-    result, which :func:`ort_session` hands to onnxruntime); and the values of those outputs
-    named in ``keep``. The folded nodes
-    run in one onnxruntime session (graph optimisations off), as they would in the graph.
-    Nodes producing a graph output stay."""
+    """``model`` (changed in place) without the nodes computed from constants only, their
+    outputs consumed by the other nodes made initializers (marked external, without data: their
+    values are the second result, which :func:`ort_session` hands to onnxruntime), the
+    initializers only they read removed; and the values of those outputs named in ``keep``.
+    The folded nodes run in one onnxruntime session (graph optimisations off), as they would in
+    the graph, their large inputs handed over as arrays (not copied into its model). Nodes
+    producing a graph output stay."""
     graph = model.graph
     const = {t.name for t in graph.initializer} | {""}
     outputs = {o.name for o in graph.output}
-    folded, rest = [], []
+    is_folded = []
     for node in graph.node:
-        if all(i in const for i in node.input) and not outputs.intersection(node.output):
-            folded.append(node)
+        is_folded.append(all(i in const for i in node.input)
+                         and not outputs.intersection(node.output))
+        if is_folded[-1]:
             const.update(node.output)
-        else:
-            rest.append(node)
+    folded = [n for n, f in zip(graph.node, is_folded, strict=True) if f]
     if not folded:
         return model, {}, {}
+    rest = [n for n, f in zip(graph.node, is_folded, strict=True) if not f]
     used = {i for n in rest for i in n.input}
     made = [o for n in folded for o in n.output if o]
     needed = [o for o in made if o in used or o in keep]
     read = {i for n in folded for i in n.input}
+    inputs = [t for t in graph.initializer if t.name in read]
+    handed = {t.name: v for t in inputs if (v := large_array(t)) is not None}
     sub = onnx.helper.make_graph(
         folded,
         "constants",
         [],
         [onnx.ValueInfoProto(name=o) for o in needed],
-        [t for t in graph.initializer if t.name in read],
+        [dataless(t.name, handed[t.name]) if t.name in handed else t for t in inputs],
     )
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     sub_model.ir_version = model.ir_version
-    values = dict(zip(needed, ort_session(sub_model, needed).run(needed, {}), strict=True))
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(rest)
-    inits = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
+    values = dict(zip(needed, ort_session(sub_model, needed, handed).run(needed, {}),
+                      strict=True))
+    for k in reversed(range(len(graph.node))):
+        if is_folded[k]:
+            del graph.node[k]
+    for k in reversed(range(len(graph.initializer))):
+        if graph.initializer[k].name not in used:
+            del graph.initializer[k]
     arrays = {o: values[o] for o in needed if o in used}
-    out.graph.initializer.extend(dataless(o, v) for o, v in arrays.items())
-    return out, arrays, {o: values[o] for o in needed if o in keep}
+    graph.initializer.extend(dataless(o, v) for o, v in arrays.items())
+    return model, arrays, {o: values[o] for o in needed if o in keep}

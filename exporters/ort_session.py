@@ -47,15 +47,22 @@ def external_arrays(
     out = {}
     for t in model.graph.initializer:
         value = arrays.get(t.name)
-        if value is None and nbytes(t) >= 4096:
-            value = numpy_helper.to_array(t)
-            if onnx.helper.np_dtype_to_tensor_dtype(value.dtype) != t.data_type:
-                value = None  # e.g. int4, unpacked by to_array: stays in the model
+        if value is None:
+            value = large_array(t)
         if value is not None:
             value = np.ascontiguousarray(value)
             mark_external(t, value)
             out[t.name] = value
     return out
+
+
+def large_array(t: onnx.TensorProto) -> np.ndarray | None:
+    """The value of an initializer of 4 KiB or more that onnxruntime can take as an array (of
+    its own type: not int4, which ``to_array`` unpacks), else None."""
+    if nbytes(t) < 4096:
+        return None
+    value = numpy_helper.to_array(t)
+    return value if onnx.helper.np_dtype_to_tensor_dtype(value.dtype) == t.data_type else None
 
 
 def session_of(

@@ -197,7 +197,9 @@ def test_forced_session_from_the_plain_one_computes_what_a_fresh_one_computes(tm
     x = torch.randn(2, 3, 32, 32)
     export_qonnx(_quantized(model, x), tmp_path / "m.onnx", x)
     graph = onnx.load(str(tmp_path / "m.onnx"))
+    before = graph.SerializeToString()
     sessions = GS.Sessions(graph)
+    assert graph.SerializeToString() == before  # lowered and folded on a copy
     assert sessions.plain._external  # large weights handed over as arrays
     nodes = F.act_quant_nodes(sessions.graph)
     feeds = {graph.graph.input[0].name: x[:1].numpy()}

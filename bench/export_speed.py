@@ -52,7 +52,7 @@ def compare(qmodel: torch.nn.Module, image: torch.Tensor) -> dict:
     row = {}
     with tempfile.TemporaryDirectory() as tmp:
         raw, row["export_no_lint_s"], row["export_no_lint_cpu_s"] = timed(
-            brevitas_export, export_qonnx, qmodel, image, Path(tmp) / "a.onnx"
+            brevitas_export, export_qonnx, qmodel, image
         )
         _, row["export_lint_s"], row["export_lint_cpu_s"] = timed(
             export_qonnx, qmodel, args=image, export_path=str(Path(tmp) / "b.onnx"), dynamo=False

@@ -22,6 +22,8 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
+from .light_shapes import attach, data_detached
+
 QONNX_CUSTOM_OPS = ("Quant", "Trunc", "BipolarQuant")
 PRESERVED_OPS = ["Quant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear"]
 COMMUTATIVE_OPS = {"Add", "Mul", "And", "Or", "Xor", "Sum"}
@@ -64,13 +66,19 @@ def _wrap(model: onnx.ModelProto) -> Any:
 
 
 def _infer_shapes(model: Any) -> Any:
-    """qonnx ``InferShapes`` (custom ops hidden from ONNX's shape inference, then restored)."""
+    """qonnx ``InferShapes`` (custom ops hidden from ONNX's shape inference, then restored), on
+    a copy; the weights' data is neither copied twice nor serialized around ONNX's shape
+    inference (:mod:`exporters.light_shapes`)."""
     import onnx.shape_inference as si
     from qonnx.transformation.infer_shapes import _hide_finn_ops, _restore_finn_ops
 
-    model = copy.deepcopy(model)
+    names = [t.name for t in model.graph.initializer]
+    with data_detached(model.model) as data:
+        model = copy.deepcopy(model)
     hidden = _hide_finn_ops(model)
-    model = _wrap(si.infer_shapes(model.model))
+    inferred = si.infer_shapes(model.model)
+    attach(inferred, data, names)
+    model = _wrap(inferred)
     _restore_finn_ops(model, hidden)
     return model
 
@@ -86,7 +94,8 @@ def _fold_constants(model: Any) -> Any:
         if node.op_type in PRESERVED_OPS:
             continue
         if not node.input or node.op_type == "Shape" or all(i in inits for i in node.input):
-            return model.transform(FoldConstants(exclude_op_types=PRESERVED_OPS), cleanup=False)
+            fold = FoldConstants(exclude_op_types=PRESERVED_OPS)
+            return model.transform(fold, cleanup=False, make_deepcopy=False)
     return model
 
 
@@ -109,9 +118,9 @@ def _cleanup_model(model: Any) -> Any:
         GiveUniqueNodeNames(),
         _readable_tensor_names,
     ]
-    for step in steps:
+    for step in steps:  # the first (shape inference) copies the model: the rest work in place
         if hasattr(step, "apply"):
-            model = model.transform(step, cleanup=False)
+            model = model.transform(step, cleanup=False, make_deepcopy=False)
         else:
             model = step(model) or model
         _after_step(model)

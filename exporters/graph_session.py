@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ompq_plugin.errors import OmpqError
-
+from .ort_session import dataless, external_arrays, large_array, ort_session, session_of
 from .verify import Graph
 
 QONNX_DOMAIN_PREFIX = "qonnx.custom_op"
@@ -199,8 +198,13 @@ class Sessions:
         self._forced: dict[tuple[str, ...], Any] = {}
 
     def forced(self, tensors: tuple[str, ...]) -> Any:
+        """The session of :func:`forced_model` ``(model, tensors)``: built from the plain
+        session when it can (:meth:`GraphSession.forced`), else by the factory."""
         if tensors not in self._forced:
-            self._forced[tensors] = self.factory(forced_model(self.model, list(tensors)))
+            if hasattr(self.plain, "forced"):
+                self._forced[tensors] = self.plain.forced(tensors)
+            else:
+                self._forced[tensors] = self.factory(forced_model(self.model, list(tensors)))
         return self._forced[tensors]
 
 
@@ -225,8 +229,33 @@ class GraphSession:
         # the graph's own tensors (not the lowering's intermediates), weights' computed once
         wanted = [o for n in model.graph.node for o in n.output if o]
         lowered, folded, self.constants = fold_constants(lowered, set(wanted))
-        wanted = [o for o in wanted if o not in self.constants]
-        self.session, self.reason = _ort_session(lowered, wanted, folded), ""
+        self._wanted = [o for o in wanted if o not in self.constants]
+        # the lowered, folded graph, its large initializers handed over as arrays (for forced
+        # copies: see forced)
+        self._external = external_arrays(lowered, folded)
+        self._prepared = lowered
+        self.session, self.reason = session_of(lowered, self._wanted, self._external), ""
+
+    def forced(self, tensors: Sequence[str]) -> GraphSession:
+        """The session of :func:`forced_model` ``(self.model, tensors)``.
+
+        Forcing renames the outputs of some of the graph's own nodes and makes the tensors graph
+        inputs; lowering keeps those nodes' outputs and folding leaves them (an activation is not
+        computed from constants only), so the forced copy of this session's lowered, folded graph
+        is the lowered, folded forced graph: the same nodes, the same values handed over, and
+        nothing lowered, folded or converted a second time. A tensor that is a folded constant
+        (or a graph run by qonnx) gets the forced graph built from scratch."""
+        if self.session is None or not self.constants.keys().isdisjoint(tensors):
+            return GraphSession(forced_model(self.model, tensors))
+        renamed = {t: t + "__ompq_graph" for t in tensors}
+        out = GraphSession.__new__(GraphSession)
+        out.model, out.output, out.constants = self.model, self.output, self.constants
+        out.lowered, out.reason = self.lowered, ""
+        out._wanted = [renamed.get(o, o) for o in self._wanted]
+        out._external = self._external
+        out._prepared = forced_model(self._prepared, tensors)
+        out.session = session_of(out._prepared, out._wanted, out._external)
+        return out
 
     @property
     def engine(self) -> str:
@@ -251,123 +280,49 @@ class GraphSession:
 def fold_constants(
     model: onnx.ModelProto, keep: set[str]
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``model`` without the nodes computed from constants only, their outputs consumed by the
-    other nodes made initializers (marked external, without data: their values are the second
-    result, which :func:`_ort_session` hands to onnxruntime); and the values of those outputs
-    named in ``keep``. The folded nodes
-    run in one onnxruntime session (graph optimisations off), as they would in the graph.
-    Nodes producing a graph output stay."""
+    """``model`` (changed in place) without the nodes computed from constants only, their
+    outputs consumed by the other nodes made initializers (marked external, without data: their
+    values are the second result, which :func:`ort_session` hands to onnxruntime), the
+    initializers only they read removed; and the values of those outputs named in ``keep``.
+    The folded nodes run in one onnxruntime session (graph optimisations off), as they would in
+    the graph, their large inputs handed over as arrays (not copied into its model). Nodes
+    producing a graph output stay."""
     graph = model.graph
     const = {t.name for t in graph.initializer} | {""}
     outputs = {o.name for o in graph.output}
-    folded, rest = [], []
+    is_folded = []
     for node in graph.node:
-        if all(i in const for i in node.input) and not outputs.intersection(node.output):
-            folded.append(node)
+        is_folded.append(all(i in const for i in node.input)
+                         and not outputs.intersection(node.output))
+        if is_folded[-1]:
             const.update(node.output)
-        else:
-            rest.append(node)
+    folded = [n for n, f in zip(graph.node, is_folded, strict=True) if f]
     if not folded:
         return model, {}, {}
+    rest = [n for n, f in zip(graph.node, is_folded, strict=True) if not f]
     used = {i for n in rest for i in n.input}
     made = [o for n in folded for o in n.output if o]
     needed = [o for o in made if o in used or o in keep]
     read = {i for n in folded for i in n.input}
+    inputs = [t for t in graph.initializer if t.name in read]
+    handed = {t.name: v for t in inputs if (v := large_array(t)) is not None}
     sub = onnx.helper.make_graph(
         folded,
         "constants",
         [],
         [onnx.ValueInfoProto(name=o) for o in needed],
-        [t for t in graph.initializer if t.name in read],
+        [dataless(t.name, handed[t.name]) if t.name in handed else t for t in inputs],
     )
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
     sub_model.ir_version = model.ir_version
-    values = dict(zip(needed, _ort_session(sub_model, needed).run(needed, {}), strict=True))
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(rest)
-    inits = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
+    values = dict(zip(needed, ort_session(sub_model, needed, handed).run(needed, {}),
+                      strict=True))
+    for k in reversed(range(len(graph.node))):
+        if is_folded[k]:
+            del graph.node[k]
+    for k in reversed(range(len(graph.initializer))):
+        if graph.initializer[k].name not in used:
+            del graph.initializer[k]
     arrays = {o: values[o] for o in needed if o in used}
-    out.graph.initializer.extend(_dataless(o, v) for o, v in arrays.items())
-    return out, arrays, {o: values[o] for o in needed if o in keep}
-
-
-def _dataless(name: str, value: np.ndarray) -> onnx.TensorProto:
-    """An initializer with ``value``'s name, type and shape and no data (see
-    :func:`_mark_external`)."""
-    t = onnx.TensorProto(name=name)
-    _mark_external(t, value)
-    return t
-
-
-def _ort_session(
-    model: onnx.ModelProto,
-    outputs: Sequence[str],
-    arrays: dict[str, np.ndarray] | None = None,
-) -> Any:
-    """An onnxruntime session (graph optimisations off) whose outputs are ``outputs``.
-
-    Initializers of 4 KiB or more (and every data-less one, whose value is in ``arrays``) are
-    handed to onnxruntime as arrays (``SessionOptions.add_external_initializers``) instead of
-    inside the serialized model: a VGG's 500 MB of weights are then not serialized and parsed."""
-    import onnxruntime as ort
-
-    produced = {o for n in model.graph.node for o in n.output}
-    produced |= {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    del model.graph.output[:]  # (qonnx's cleanup can leave extra outputs unconnected)
-    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs if o in produced)
-    opts = ort.SessionOptions()
-    arrays = arrays or {}
-    names, values = [], []
-    for t in model.graph.initializer:
-        value = arrays.get(t.name)
-        if value is None and _nbytes(t) >= 4096:
-            value = numpy_helper.to_array(t)
-            if onnx.helper.np_dtype_to_tensor_dtype(value.dtype) != t.data_type:
-                value = None  # e.g. int4, unpacked by to_array: stays in the model
-        if value is not None:
-            value = np.ascontiguousarray(value)
-            _mark_external(t, value)
-            names.append(t.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(value))
-    if names:
-        opts.add_external_initializers(names, values)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OmpqError(f"onnxruntime cannot load the exported graph ({str(exc)[:400]})") from None
-    return session
-
-
-def _mark_external(t: onnx.TensorProto, value: np.ndarray) -> None:
-    """Make ``t`` an external-data initializer of ``value``'s type and shape, whose data
-    onnxruntime then takes from ``SessionOptions.add_external_initializers`` (copied in)."""
-    name = t.name
-    t.Clear()
-    t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    t.dims.extend(value.shape)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    for key, val in (
-        ("location", "ompq-in-memory"),
-        ("offset", "0"),
-        ("length", str(value.nbytes)),
-    ):
-        t.external_data.add(key=key, value=val)
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    """Size of an initializer's values in bytes (0 for strings and unknown types)."""
-    if t.data_type == onnx.TensorProto.STRING:
-        return 0
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    graph.initializer.extend(dataless(o, v) for o, v in arrays.items())
+    return model, arrays, {o: values[o] for o in needed if o in keep}

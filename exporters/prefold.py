@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .light_shapes import data_detached
+
 PRESERVED_OPS = ("Quant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear", "Trunc")
 
 
@@ -38,7 +40,8 @@ def prefold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every foldable standard node replaced by its value (see module doc)."""
     from onnx.reference import ReferenceEvaluator
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    with data_detached(model):  # (only the shapes are read: see exporters.light_shapes)
+        inferred = onnx.shape_inference.infer_shapes(model)
     shapes = _known_shapes(inferred)
     const_names = {t.name for t in model.graph.initializer}
     values: dict[str, np.ndarray] = {}

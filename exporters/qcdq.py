@@ -63,7 +63,7 @@ def export_qcdq(
         with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
             from brevitas.export import export_onnx_qcdq
 
-            model = brevitas_export(
+            model = brevitas_export(  # (Brevitas's QCDQ manager returns no model: a file)
                 export_onnx_qcdq, qmodel, images[:1], Path(tmp) / "raw.onnx",
                 input_names=["input"], output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})

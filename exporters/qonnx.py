@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,7 +36,14 @@ from . import targets as T
 from . import verify as V
 from .export_report import DEFAULT_TOL, ExportReport
 from .qonnx_verify import Verification, verify_qonnx
-from .torch_side import as_images, expected_bits, find_bitconfig, forward_order, quant_layers
+from .torch_side import (
+    as_images,
+    expected_bits,
+    find_bitconfig,
+    forward_order,
+    one_torch_thread,
+    quant_layers,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -192,22 +198,32 @@ def _without_torchscript_lint() -> Iterator[None]:
 
 
 def brevitas_export(fn: Callable[..., Any], qmodel: nn.Module, image: torch.Tensor,
-                    path: Path, **options: Any) -> onnx.ModelProto:
-    """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``."""
+                    path: Path | None = None, **options: Any) -> onnx.ModelProto:
+    """Brevitas TorchScript-path export; ``options`` go to ``torch.onnx.export``. Without
+    ``path`` in memory (``export_path=None``: the QONNX manager returns the model it would have
+    saved, no file is written and read back; Brevitas's QCDQ manager returns nothing and needs
+    a ``path``)."""
     try:
-        with warnings.catch_warnings(), _without_torchscript_lint():
+        with warnings.catch_warnings(), _without_torchscript_lint(), one_torch_thread():
             warnings.simplefilter("ignore")
-            fn(qmodel, args=image, export_path=str(path), dynamo=False, **options)
+            model = fn(qmodel, args=image, export_path=None if path is None else str(path),
+                       dynamo=False, **options)
     except OmpqError:
         raise
     except OSError as exc:  # disk full or a file-size limit while writing the raw graph
+        if path is None:
+            raise
         raise write_error(path, exc) from None
     except Exception as exc:  # Brevitas / torch.onnx raise many types
         raise OmpqError(
             f"Brevitas export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "export a model built by `ompq quantize` (Brevitas layers, calibrated)"
         ) from None
-    return onnx.load(str(path))
+    if path is not None:
+        return onnx.load(str(path))
+    if not isinstance(model, onnx.ModelProto):
+        raise OmpqError(f"Brevitas export returned no model ({fn.__name__}); report this bug")
+    return model
 
 
 def write_metadata(model: onnx.ModelProto, fmt: str, bits: BitConfig | None,
@@ -230,10 +246,13 @@ def hls4ml_config_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.stem + ".hls4ml.json")
 
 
-def save_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike[str],
+                serialized: bytes | None = None) -> Path:
+    """Write ``model`` atomically; ``serialized``: its ``SerializeToString()`` already made (the
+    bytes ``onnx.save`` writes for a model without external data)."""
     target = Path(path)
     with atomic_path(target) as tmp:
-        onnx.save(model, str(tmp))
+        tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
     return target
 
 
@@ -265,10 +284,9 @@ def export_qonnx(
     bits = find_bitconfig(qmodel, bits)
     try:
         expected = expected_bits(qmodel, bits)
-        with tempfile.TemporaryDirectory(prefix="ompq-export-") as tmp:
-            from brevitas.export import export_qonnx as brevitas_qonnx
+        from brevitas.export import export_qonnx as brevitas_qonnx
 
-            raw = brevitas_export(brevitas_qonnx, qmodel, images[:1], Path(tmp) / "raw.onnx")
+        raw = brevitas_export(brevitas_qonnx, qmodel, images[:1])
         t_export = time.perf_counter()
         annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
         target = target or T.target_for_profile(bits.profile if bits is not None else None)
@@ -293,10 +311,11 @@ def export_qonnx(
         V.set_model_meta(model, {"ompq.target": json.dumps(prepared)} | (
             {"ompq.hls4ml_config": json.dumps(hls_config)} if hls_config is not None else {}))
         # the annotations must survive a save / load round trip before the file counts
-        reloaded = onnx.load_from_string(model.SerializeToString())
+        serialized = model.SerializeToString()  # (once: a VGG's is 530 MB)
+        reloaded = onnx.load_from_string(serialized)
         if V.model_meta(reloaded).get("ompq.node_map") != V.model_meta(model)["ompq.node_map"]:
             raise OmpqError("annotations did not survive serialisation; report this bug")
-        written = save_atomic(model, path)
+        written = save_atomic(model, path, serialized)
         config_path = None
         if hls_config is not None:
             config_path = hls4ml_config_path(path)

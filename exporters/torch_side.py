@@ -3,6 +3,8 @@ example images as a batch."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,14 +44,18 @@ def find_bitconfig(qmodel: nn.Module, bits: BitConfig | None) -> BitConfig | Non
 
 def expected_bits(qmodel: nn.Module, bits: BitConfig | None) -> dict[str, V.Expected]:
     """Per torch layer the bits the file must carry: the BitConfig's where it names the layer,
-    else the module's own weight quantizer (e.g. the fixed shortcut convs)."""
+    else the module's own weight quantizer (e.g. the fixed shortcut convs). Brevitas reads a
+    weight quantizer's bit width by quantizing the whole weight (a VGG-11: 2.5 s), so only the
+    layers the BitConfig does not name are asked."""
     layers = quant_layers(qmodel)
     if not layers:
         raise OmpqError("the model has no Brevitas quantized layers: run `ompq quantize` first")
-    expected = {n: V.Expected(module_weight_bits(m), None, "model") for n, m in layers.items()}
-    if bits is not None:
-        for lb in bits.layers:
-            expected[lb.name] = V.Expected(lb.weight_bits, lb.act_bits, "BitConfig")
+    named = {lb.name: lb for lb in bits.layers} if bits is not None else {}
+    expected: dict[str, V.Expected] = {}
+    for name in [*layers, *(n for n in named if n not in layers)]:  # the order checks report
+        lb = named.get(name)
+        expected[name] = (V.Expected(lb.weight_bits, lb.act_bits, "BitConfig") if lb is not None
+                          else V.Expected(module_weight_bits(layers[name]), None, "model"))
     return expected
 
 
@@ -79,3 +85,33 @@ def as_images(example_input: Any, qmodel: nn.Module | None = None) -> torch.Tens
     if x.shape[0] == 0:
         raise OmpqError("example_input is empty: pass a few real images (N x C x H x W)")
     return x.float()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch runs single-threaded inside (its thread count restored after; a no-op when it is
+    already one). For the Brevitas export (:func:`exporters.qonnx.brevitas_export`).
+
+    The Brevitas export traces one image: thousands of small tensor ops (each weight quantized
+    several times, the trace, torch.onnx's passes), none of which gains from intra-op threads.
+    With two threads every op is an OpenMP parallel region whose threads spin-wait for each
+    other; on cores shared with other processes (load above the core count) a region then
+    costs milliseconds of spinning: a 37k-element ``torch.where`` took 0.08 ms on one thread
+    and 31 ms on two (2 cores, load 4); DenseNet-121's Brevitas export took 52.8 s on two
+    threads (load 3.6) and 19.8 s on one (load 5.2). The graph does not depend on it
+    (elementwise ops and max reductions; the benchmark's graphs were byte-identical both ways,
+    tests/test_export_speedups.py compares).
+    Not for the verification's torch reference: a convolution or matrix product sums in an
+    order that depends on the thread count (ResNet-50's rounding-boundary flips went from 8 to
+    12 on one thread), so its figures would change."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

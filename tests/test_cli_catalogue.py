@@ -200,6 +200,6 @@ def test_full_disk(data_dir: Path, work: Path, command: str) -> None:
                    "-o", out, "--orm-plot", "orm.png"],
     }[command]
     proc = run_ompq(data_dir, *args, cwd=work, preexec=_file_size_limit(4096))
-    # the export's first write is Brevitas's raw graph in a temporary folder
+    # (QONNX: Brevitas's raw graph stays in memory, the first write is the output itself)
     assert_clean_failure(proc, 1, "could not write", "file-size limit", "nothing was written")
     _unchanged(work, before)

@@ -135,16 +135,16 @@ def build_problem(
             if len(choices[g]) > 1
             and all(pins.get(names[i], (None, None))[1] is None for i in members)
         }
-        found_d = measured.measure(model, samples, free_w, free_a, rule)
-        timings["distortion_s"] = found_d.seconds
-        timings["distortion_forwards"] = float(found_d.forwards)
+        dist = measured.measure(model, samples, free_w, free_a, rule)
+        timings["distortion_s"] = dist.seconds
+        timings["distortion_forwards"] = float(dist.forwards)
         w_val = [
-            {b: -d for b, d in found_d.weights.get(lay.name, {}).items()}
+            {b: -d for b, d in dist.weights.get(lay.name, {}).items()}
             or dict.fromkeys(lay.weight_choices, 0.0)
             for lay in layers
         ]
         a_val = {
-            g: {a: -d for a, d in found_d.acts[g].items()} if g in found_d.acts
+            g: {a: -d for a, d in dist.acts[g].items()} if g in dist.acts
             else dict.fromkeys(c, 0.0)
             for g, c in choices.items()
         }

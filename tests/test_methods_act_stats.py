@@ -132,7 +132,7 @@ def test_the_errors_of_two_parts_at_every_width_equal_the_reference(po2: bool) -
     top, rest = torch.randn(37, generator=g) * 4, torch.randn(1000, generator=g)
     thr = 3.0
     ranges = [act_stats._range(b, True, thr, po2) for b in WIDTHS]
-    got = act_stats._sq_errors([top, rest], ranges)
+    got = act_stats._rows_sq_errors([top, rest], [ranges, ranges])
     for part, row in zip((top, rest), got, strict=True):
         for b, value in zip(WIDTHS, row, strict=True):
             ref = float(((quantize_act(part, b, True, thr, po2) - part) ** 2).sum())

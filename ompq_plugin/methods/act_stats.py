@@ -115,14 +115,6 @@ def _range(bits: int, signed: bool, threshold: float, power_of_two: bool) -> tup
     return lo, hi, thr / float_div
 
 
-def _sq_errors(
-    parts: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int, float]]
-) -> list[list[float]]:
-    """``sum (Q(x) - x)^2`` of each flat tensor of ``parts`` at every (lowest level, highest
-    level, scale) of ``ranges`` (one quantizer for all parts; see :func:`_rows_sq_errors`)."""
-    return _rows_sq_errors(list(parts), [tuple(ranges)] * len(parts))
-
-
 _ROW_LENGTHS = (256, 4096)  # rows are padded to the first of these they fit, or to the longest
 
 

@@ -289,9 +289,9 @@ def discover_and_stream(
             points = {n: n for n in quantizable}
         acc = _GramAccumulator(points, centred)
         widths = act_widths(list(points), graph is not None)
+        relu_fed = relu_fed_layers(model, graph) if graph is not None else frozenset()
         start = time.perf_counter()
         finite = True
-        relu_fed = relu_fed_layers(model, graph) if graph is not None else frozenset()
         with act_stats.record(model, widths, power_of_two, relu_fed) as stats:
             if not grams:
                 finite = _all_finite(model(samples))

@@ -1,9 +1,11 @@
 """Which exact method solves a problem: the DP first, HiGHS when the DP cannot finish.
 
-Measured on 90 ResNet-50 instances (``bench/results/solvers.json``, 10 s limit, both solvers on
-the same machine and load): the DP (with the knapsack bounds of :mod:`.dp_memory`) proved all
-90, HiGHS 88; the DP was the faster on 74 (Eq. 10: 47 of 60; error-shaped per-option values:
-27 of 30, median 0.32 s against 1.09 s, worst 1.6 s against 5.5 s). So "auto" runs the DP;
+Measured on 90 ResNet-50 instances, 10 s limit: in ``bench/results/solvers.json`` (busy
+machine, each solver in turn) the DP (with the knapsack bounds of :mod:`.dp_memory`) proved all
+90, HiGHS via highspy 70, and the DP was the fastest on 53 (not on every instance: python-mip's
+HiGHS on 19 of the 30 error-shaped ones); run back to back at one load (``--solver dp`` then
+``--solver highspy``, README "Exact solvers") the DP proved 90 and HiGHS 88, the DP faster on 74
+(error-shaped: 27 of 30, median 0.32 s against 1.09 s). So "auto" runs the DP;
 HiGHS takes over when the DP's states outgrow its limit and, on per-option problems (where the
 DP has no closed-form bound on its work), after half the time limit.
 """

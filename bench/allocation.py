@@ -63,7 +63,7 @@ VAL_IMAGES = 2000
 
 
 class Data:
-    def __init__(self, root: Path, spec: object, search_n: int) -> None:
+    def __init__(self, root: Path, spec: object, search_n: int, calib_seed: int = 0) -> None:
         exact_train = load_cifar10(cifar_folder(root, "exact"), "train")
         self.exact_test = load_cifar10(cifar_folder(root, "exact"), "test")
         self.jpeg_test = load_cifar10(cifar_folder(root, "jpeg"), "test")
@@ -71,7 +71,7 @@ class Data:
         self.train = exact_train
         self.spec = spec
         self.norm = (tuple(spec.mean), tuple(spec.std))  # type: ignore[attr-defined]
-        self.calib = self.x(exact_train.images[choose_samples(exact_train, 256, seed=0)])
+        self.calib = self.x(exact_train.images[choose_samples(exact_train, 256, seed=calib_seed)])
         self.search_idx = choose_samples(exact_train, search_n, seed=1, balanced=True)
         self.search = self.x(exact_train.images[self.search_idx])
         h = choose_samples(exact_train, HAWQ_IMAGES, seed=2, balanced=True)
@@ -249,7 +249,11 @@ def stage_ptq(
     methods: list[str],
     budgets: list[str],
     save: callable,
+    label: str | None = None,
 ) -> None:
+    """One row per (budget, method), keyed ``label/budget/method`` (``label``: the model's name,
+    or the name with the calibration draw when that is not the default one)."""
+    label = label or name
     rows = out.setdefault("rows", {})
     cost = out.setdefault("float_forward_s", {})
     if name not in cost:
@@ -258,7 +262,7 @@ def stage_ptq(
     ex, jp = data.exact_test, data.jpeg_test
     for budget in budgets:
         for method in methods:
-            key = f"{name}/{budget}/{method}"
+            key = f"{label}/{budget}/{method}"
             if key in rows:
                 continue
             res, secs = search_row(model, data, method, budget, name)
@@ -269,7 +273,7 @@ def stage_ptq(
             c_jp = correct(q, jp.images, jp.labels, data.norm)
             cfg = res.config
             rows[key] = {
-                "model": name,
+                "model": label,
                 "budget": budget,
                 "method": method,
                 "weight_bits": [lb.weight_bits for lb in cfg.layers],
@@ -413,6 +417,13 @@ def main() -> int:
     ap.add_argument("--recipe", default="calib+gptq+bc", choices=sorted(RECIPES))
     ap.add_argument("--search-samples", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument(
+        "--calib-seed",
+        type=int,
+        default=0,
+        help="draw of the 256 calibration images (0: the study's); other draws label their rows "
+        "'model[calib=N]' (search, Hessian and test images unchanged)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--output", default=str(ROOT / "bench/results/allocation.json"))
     ap.add_argument(
@@ -461,12 +472,20 @@ def main() -> int:
     for name in args.models.split(","):
         model, spec = build_model(name, Path(args.data) / "weights" / f"{name}.th")
         model.eval()
-        data = Data(Path(args.data), spec, args.search_samples)
+        data = Data(Path(args.data), spec, args.search_samples, args.calib_seed)
+        label = name if args.calib_seed == 0 else f"{name}[calib={args.calib_seed}]"
         if "validate" in stages and name == "resnet20":
             stage_validate(out, model, data, save)
         if "ptq" in stages:
             stage_ptq(
-                out, name, model, data, args.methods.split(","), args.budgets.split(","), save
+                out,
+                name,
+                model,
+                data,
+                args.methods.split(","),
+                args.budgets.split(","),
+                save,
+                label,
             )
         if "qat" in stages and name == "resnet20":
             stage_qat(out, model, data, save, args.epochs)

@@ -445,6 +445,53 @@ def test_dp_matches_highs_on_medium_instances(seed: int) -> None:
         assert (dp.weight_bits[lay.name], dp.act_bits[lay.name]) not in lay.excluded_pairs
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+@pytest.mark.parametrize("seed", range(12))
+def test_narrow_beam_still_exact(seed: int, beam: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The beam pass only sets where the exact rounds start: however poor its configuration,
+    the answer stays the brute-force optimum."""
+    monkeypatch.setattr(allocate.dp, "_BEAM", beam)
+    check_against_brute_force(random_problem(random.Random(700 + seed)), "dp")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_beam_pass_meets_the_budgets(seed: int) -> None:
+    """The heuristic pass alone (beam of 2): a configuration within every budget, no better than
+    the optimum; none only when the problem is infeasible."""
+    from ompq_plugin.allocate import dp as dp_module
+    from ompq_plugin.allocate.dp_bounds import build_steps, lagrangian, suffix_bounds
+    from ompq_plugin.allocate.problem import budget_limits, prepare
+
+    problem = random_problem(random.Random(800 + seed))
+    prep = prepare(problem)
+    limits = budget_limits(problem.budgets)
+    on = (math.isfinite(limits[0]), math.isfinite(limits[1]))
+    caps = (math.floor(limits[0]) if on[0] else 0, math.floor(limits[1]) if on[1] else 0)
+    steps, a_max = build_steps(problem, prep, limits)
+    lam = lagrangian(steps, caps, on, None)
+    found = dp_module._dp(
+        steps,
+        len(problem.layers),
+        [suffix_bounds(steps, a_max, lam)],
+        [lam],
+        caps,
+        -math.inf,
+        0.0,
+        time.perf_counter() + 10,
+        beam=2,
+    )
+    best = brute_force(problem)
+    if found is None:
+        assert best is None
+        return
+    assert best is not None
+    wb = {lay.name: w for lay, (w, _) in zip(problem.layers, found.choice, strict=True)}
+    ab = {lay.name: a for lay, (_, a) in zip(problem.layers, found.choice, strict=True)}
+    assert fits(problem, wb, ab)
+    assert objective_value(problem, wb, ab) == pytest.approx(found.value, rel=1e-9, abs=1e-12)
+    assert found.value <= best[0] + 1e-9 * max(1.0, abs(best[0]))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_too_many_states_falls_back_to_highs(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocate.dp, "_MAX_STATES", 2)

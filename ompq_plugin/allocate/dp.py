@@ -4,9 +4,14 @@
   (b) their bound (:mod:`dp_bounds`) is below a target ``T``, or (c) another state with the same
   open ``a`` is no worse in value and no larger in memory and in BOPs (dominance; exact
   duplicates keep one). Every pruning keeps at least one optimal completion of every state at or
-  above ``T``, so when the best final state reaches ``T`` it is optimal. ``T`` starts just below
-  the root bound and is lowered geometrically (never below the best configuration already found,
-  which then closes the search) until that happens.
+  above ``T``, so when the best final state reaches ``T`` it is optimal. ``T`` starts at the
+  value of a first configuration that meets the budgets, found by a beam pass (the same steps,
+  the ``_BEAM`` states with the highest bounds kept per step; without a finite budget, or when
+  the beam finds none, just below the root bound), and is lowered geometrically (never below the
+  best configuration already found, which then closes the search) until that happens. The beam
+  cut ResNet-20's searches from 4-15 rounds to 2 (9 ms to 3.3 ms per solve) and the 90 ResNet-50
+  instances of ``bench/solvers.py`` from 4.06 s to 3.53 s in total (measured back to back,
+  2026-12-07; beams of 8-128 tried, 16 fastest on both).
 * Exactness: memory and BOPs are integers and compared exactly. The objective is a float sum:
   bounds are compared with a slack of ``1e-9`` relative to the objective's scale (the sum over
   steps of the largest option magnitude; on the safe side: it keeps states), and two
@@ -41,6 +46,7 @@ _COVER = 1.05  # a sweep's memory tables cover this times the memory cap ...
 _MU_REUSE = 0.2  # ... and serve while the BOPs multiplier stays this close (relative)
 _GAP_START = 0.7  # a sweep's first gap: this times the previous point's
 _GAP_FACTOR = 2.0  # the target's distance below the root bound grows by this per round
+_BEAM = 16  # states per step of the heuristic pass that finds a first configuration
 _PAIRWISE = 64  # up to this many states, dominance is checked pair by pair
 _BOUND_SLACK = 1e-9  # relative: a bound this close below the target keeps its state
 
@@ -125,11 +131,14 @@ def _dp(
     deadline: float,
     mbounds: tuple[MemoryBound, ...] = (),
     max_states: int = _MAX_STATES,
+    beam: int | None = None,
 ) -> _Found | None:
     """Best configuration among states whose bound reaches ``target - slack`` (None: none).
 
     States whose every completion is below ``target - slack`` are dropped, so the result is
-    optimal whenever its value is at least ``target - slack``.
+    optimal whenever its value is at least ``target - slack``. With ``beam``, only that many
+    states with the highest bounds survive each step: a heuristic pass whose result meets the
+    budgets (the feasibility pruning stays exact) but need not be optimal.
     """
     value = np.zeros(1)
     mem = np.zeros(1, dtype=np.int64)
@@ -160,12 +169,15 @@ def _dp(
         for lam, suf, off in zip(lams, suffixes, offsets, strict=True):
             bound = value - lam[0] * mem - lam[1] * bops + suf.bound[k][act] + off
             keep &= bound >= target - slack
+        # ``bound`` (the last multipliers') ranks the states for a beam
         for mb in mbounds:
             keep &= mb.bound(k, value, act, (mem, bops), caps) >= target - slack
         if st.kind == "member" and st.last:
             act = np.zeros_like(act)
         sel = np.flatnonzero(keep)
         sel = sel[_undominated_states(value[sel], mem[sel], bops[sel], act[sel])]
+        if beam is not None and len(sel) > beam:
+            sel = np.sort(sel[np.argpartition(-bound[sel], beam)[:beam]])
         if len(sel) > max_states:
             raise TooHard
         value, mem, bops, act = value[sel], mem[sel], bops[sel], act[sel]
@@ -294,6 +306,23 @@ def solve_dp(
         if on[0] or on[1]:
             mbounds = _knapsack_bounds(steps, a_max, caps, on, lam, cache)
             root, max_states = min([root, *(mb.root(caps) for mb in mbounds)]), _MAX_STATES
+    if best is None and (on[0] or on[1]):
+        # a beam pass finds a configuration that meets the budgets, often the optimum: the
+        # exact rounds then start at its value instead of just below the root bound
+        best = _dp(
+            steps,
+            len(problem.layers),
+            suffixes,
+            lams,
+            caps,
+            -math.inf,
+            slack,
+            deadline,
+            mbounds,
+            beam=_BEAM,
+        )
+        if best is not None:
+            gap = max(gap, root - best.value)
     while True:
         target = root - gap
         if best is not None:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
 
@@ -358,22 +360,19 @@ def undominated_pairs(
     removes e.g. (8, 2) in favour of (2, 8): same objective and BOPs, less memory -- a symmetry
     that otherwise leaves a MIP solver with a flat tree to close.
     """
-    keys = [
-        (o, lay.params * w, lay.macs * w * a if finite_bops else 0)
-        for o, (w, a) in zip(obj, pairs, strict=True)
-    ]
-    keep = []
-    for k, (obj, mem, bops) in enumerate(keys):
-        dominated = False
-        for j, (obj2, mem2, bops2) in enumerate(keys):
-            if j == k or obj2 < obj or mem2 > mem or bops2 > bops:
-                continue
-            if (obj2, mem2, bops2) != (obj, mem, bops) or j < k:
-                dominated = True
-                break
-        if not dominated:
-            keep.append(pairs[k])
-    return keep
+    n = len(pairs)
+    if n < 2:
+        return list(pairs)
+    w = np.array([p[0] for p in pairs], dtype=np.int64)
+    a = np.array([p[1] for p in pairs], dtype=np.int64)
+    o = np.array(obj, dtype=np.float64)
+    mem = lay.params * w
+    bops = lay.macs * w * a if finite_bops else np.zeros(n, dtype=np.int64)
+    # beats[j, k]: pair j dominates pair k (exact ties: the earlier pair stays)
+    beats = (o[:, None] >= o) & (mem[:, None] <= mem) & (bops[:, None] <= bops)
+    idx = np.arange(n)
+    beats &= (o[:, None] > o) | (mem[:, None] < mem) | (bops[:, None] < bops) | (idx[:, None] < idx)
+    return [pairs[k] for k in np.flatnonzero(~beats.any(axis=0))]
 
 
 def timeout_error(time_limit_s: float) -> OmpqError:

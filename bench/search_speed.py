@@ -2,7 +2,8 @@
 
 Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Within it,
 each round times a plain forward pass, a search with the default method (``ompq-noise`` at beta
-0: no ORM) and one with ``--method ompq`` (ORM computed); the figure is the median over rounds
+0: no ORM) and one with ``--method ompq`` (ORM computed), both without a budget, and the default
+method under a 4-average-bit weight memory budget; the figure is the median over rounds
 of each round's ratio (wall clock; also in the thread's CPU time), and the 1-minute load
 average is recorded (the machine is shared). Per
 case it also records the largest difference between the ``ompq`` search's ORM matrix (centred
@@ -36,10 +37,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "search_speed.json"
 
 
 def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
-    """Search vs float forward of the same images, both methods, interleaved in one process.
+    """Search vs float forward of the same images, interleaved in one process.
 
     Each round times a plain forward pass, a default-method search (``ompq-noise``, beta 0: no
-    ORM) and an ``ompq`` search (ORM computed); the ratios are per round, then the median.
+    ORM), an ``ompq`` search (ORM computed), both without a budget, and a default-method search
+    under a 4-average-bit weight memory budget; the ratios are per round, then the median.
     """
     import statistics
 
@@ -55,9 +57,16 @@ def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
     x = search_samples(data_dir, spec, n, seed=0)
     with torch.no_grad():
         model(x)  # warm-up
-    methods = ("ompq-noise", "ompq")
+    # the two methods without a budget (the generic profile has none), and the default method
+    # under a weight-memory budget of 4 average bits (the solver then has work to do)
+    searches = {
+        "ompq-noise": {"method": "ompq-noise"},
+        "ompq": {"method": "ompq"},
+        "ompq-noise_avg4": {"method": "ompq-noise", "avg_weight_bits": 4.0},
+    }
+    methods = tuple(searches)
     for method in methods:  # warm-up (first allocations)
-        run_search(model, x, "generic", method=method)
+        run_search(model, x, "generic", **searches[method])
     load = [os.getloadavg()[0]]
     rounds = []
     last = {}
@@ -68,7 +77,9 @@ def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
         row = {"forward_s": time.perf_counter() - start, "forward_cpu_s": time.thread_time() - cpu}
         for method in methods:
             start, cpu = time.perf_counter(), time.thread_time()
-            last[method] = run_search(model, x, "generic", method=method, model_name=model_name)
+            last[method] = run_search(
+                model, x, "generic", model_name=model_name, **searches[method]
+            )
             row[method] = time.perf_counter() - start
             row[f"{method}_cpu_s"] = time.thread_time() - cpu
         rounds.append(row)

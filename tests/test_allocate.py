@@ -239,6 +239,48 @@ def test_infinite_budgets_give_max_bits() -> None:
     assert result.act_bits == {"a": 8, "b": 8, "c": 8}
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_without_budgets_each_group_takes_its_best_choice(seed: int) -> None:
+    """No finite budget: "auto" answers directly (solver "unbounded"), with the brute-force
+    optimum and the DP's objective; pins and excluded pairs hold."""
+    rng = random.Random(900 + seed)
+    problem = random_problem(rng)
+    layers = tuple(
+        replace(lay, excluded_pairs=((lay.weight_choices[-1], lay.act_choices[-1]),))
+        if rng.random() < 0.3 and len(lay.weight_choices) > 1
+        else lay
+        for lay in problem.layers
+    )
+    pins = {layers[0].name: (layers[0].weight_choices[0], None)} if seed % 2 else {}
+    problem = AllocationProblem(layers, problem.weight_coeff, INF, pins)
+    if seed % 3 == 0:  # per-option values (as ompq-noise), some equal
+        values = tuple(
+            {w: -round(rng.uniform(0, 1), 1) for w in lay.weight_choices} for lay in layers
+        )
+        problem = replace(problem, weight_coeff=(0.0,) * len(layers), weight_value=values)
+    got = solve(problem)
+    assert got.solver == "unbounded"
+    best = brute_force(problem)
+    assert best is not None
+    assert got.objective == pytest.approx(best[0], rel=1e-12, abs=1e-12)
+    assert got.objective == pytest.approx(solve(problem, solver="dp").objective, rel=1e-12)
+    for lay in layers:
+        assert (got.weight_bits[lay.name], got.act_bits[lay.name]) not in lay.excluded_pairs
+    for name, (w, _) in pins.items():
+        assert got.weight_bits[name] == w
+
+
+def test_without_budgets_ties_keep_the_narrowest_bits() -> None:
+    """Equal objectives: the cheapest choice, as the DP's dominance rule keeps."""
+    problem = random_problem(random.Random(3))
+    flat = AllocationProblem(problem.layers, (0.0,) * len(problem.layers), INF)
+    got = solve(flat)
+    assert got.solver == "unbounded"
+    for lay in flat.layers:
+        assert got.weight_bits[lay.name] == min(lay.weight_choices)
+        assert got.weight_bits == solve(flat, solver="dp").weight_bits
+
+
 def test_pins_are_respected() -> None:
     problem = tiny(pins={"a": (2, None), "c": (None, 4)}, budgets=Budgets(bops=2e6))
     result = solve(problem)

@@ -51,8 +51,9 @@ def solve(
     """Maximise the objective under the budgets; exact, proven optimal, never over budget.
 
     ``solver``: "auto" runs the DP, HiGHS taking over on instances too large for it and, for
-    per-option objectives, after half the time limit (see :mod:`.solver`); "dp" or "highs"
-    force one (for cross-checks; "dp" then fails on too-large instances).
+    per-option objectives, after half the time limit (see :mod:`.solver`), and without a finite
+    budget takes each act group's best choice directly; "dp" or "highs" force one (for
+    cross-checks; "dp" then fails on too-large instances).
     Raises InfeasibleBudgetError (naming the budget and its smallest achievable value) when no
     configuration meets the budgets, and OmpqError on bad input or when optimality is not
     proven within ``time_limit_s``.

@@ -75,9 +75,7 @@ def sweep(
         incumbent = previous
         if incumbent is not None and violations(p, _used(incumbent)):
             incumbent = None
-        allocation = solve_prepared(
-            p, prep, start, time_limit_s, incumbent=incumbent, cache=cache
-        )
+        allocation = solve_prepared(p, prep, start, time_limit_s, incumbent=incumbent, cache=cache)
         if incumbent is not None and incumbent.objective > allocation.objective:
             allocation = replace(incumbent, solve_s=time.perf_counter() - start)
         out.append(ParetoPoint(b, allocation))

@@ -92,7 +92,9 @@ class Allocation:
     max_act_buffer_bits: int
     solve_s: float
     status: str  # "optimal"
-    solver: str = "dp"  # "dp" (the exact DP) or "highs" (the HiGHS integer program)
+    # "dp" (the exact DP), "highs" (the HiGHS integer program) or "unbounded" (no finite budget:
+    # each act group's best choice, :mod:`.unbounded`)
+    solver: str = "dp"
 
 
 # --- objective -------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Which exact method solves a problem: the DP first, HiGHS when the DP cannot finish.
 
+Without a finite budget, "auto" takes each act group's best choice directly (:mod:`.unbounded`).
+
 Measured on 90 ResNet-50 instances, 10 s limit: in ``bench/results/solvers.json`` (busy
 machine, each solver in turn) the DP (with the knapsack bounds of :mod:`.dp_memory`) proved all
 90, HiGHS via highspy 70, and the DP was the fastest on 53 (not on every instance: python-mip's
@@ -25,6 +27,7 @@ from ompq_plugin.allocate.problem import (
     checked_allocation,
     timeout_error,
 )
+from ompq_plugin.allocate.unbounded import solve_unbounded, unbounded
 from ompq_plugin.errors import OmpqError
 
 SOLVERS = ("auto", "dp", "highs")
@@ -47,6 +50,11 @@ def solve_prepared(
     check_feasible(problem, prep)
     if not problem.layers:
         return Allocation({}, {}, 0.0, 0, 0, 0, time.perf_counter() - start, "optimal")
+    if solver == "auto" and unbounded(problem):
+        allocation, _ = checked_allocation(
+            problem, solve_unbounded(prep, len(problem.layers)), start, "unbounded"
+        )
+        return allocation
     warm = None
     if incumbent is not None:
         warm = [

@@ -3,7 +3,7 @@
 Each case runs in a fresh subprocess so that its peak memory (ru_maxrss) is its own. Within it,
 each round times a plain forward pass, a search with the default method (``ompq-noise`` at beta
 0: no ORM) and one with ``--method ompq`` (ORM computed), both without a budget, and the default
-method under a 4-average-bit weight memory budget; the figure is the median over rounds
+method under a 5-average-bit weight memory budget; the figure is the median over rounds
 of each round's ratio (wall clock; also in the thread's CPU time), and the 1-minute load
 average is recorded (the machine is shared). Per
 case it also records the largest difference between the ``ompq`` search's ORM matrix (centred
@@ -41,7 +41,7 @@ def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
 
     Each round times a plain forward pass, a default-method search (``ompq-noise``, beta 0: no
     ORM), an ``ompq`` search (ORM computed), both without a budget, and a default-method search
-    under a 4-average-bit weight memory budget; the ratios are per round, then the median.
+    under a 5-average-bit weight memory budget; the ratios are per round, then the median.
     """
     import statistics
 
@@ -58,11 +58,12 @@ def run_case(model_name: str, n: int, threads: int, repeats: int = 3) -> dict:
     with torch.no_grad():
         model(x)  # warm-up
     # the two methods without a budget (the generic profile has none), and the default method
-    # under a weight-memory budget of 4 average bits (the solver then has work to do)
+    # under a weight-memory budget of 5 average bits (binding on all four models; MobileNetV2's
+    # 8-bit classifier puts its smallest at 4.2)
     searches = {
         "ompq-noise": {"method": "ompq-noise"},
         "ompq": {"method": "ompq"},
-        "ompq-noise_avg4": {"method": "ompq-noise", "avg_weight_bits": 4.0},
+        "ompq-noise_avg5": {"method": "ompq-noise", "avg_weight_bits": 5.0},
     }
     methods = tuple(searches)
     for method in methods:  # warm-up (first allocations)
@@ -344,10 +345,10 @@ def main() -> None:
         previous.pop("partial", None)
         targets = previous.setdefault("targets", {})
         targets["search_within_1.5x_forward"] = all(c["ratio_to_forward"] <= 1.5 for c in cases)
-        targets["search_within_1.5x_forward_at_avg4_budget"] = all(
-            c["ompq-noise_avg4"]["ratio_to_forward_median"] <= 1.5
+        targets["search_within_1.5x_forward_at_avg5_budget"] = all(
+            c["ompq-noise_avg5"]["ratio_to_forward_median"] <= 1.5
             for c in cases
-            if "ompq-noise_avg4" in c
+            if "ompq-noise_avg5" in c
         )
         RESULTS.write_text(json.dumps({**previous, "searches": cases}, indent=2) + "\n")
         print(f"wrote {RESULTS}")

@@ -211,6 +211,8 @@ class Prepared:
 
     def weights_for(self, i: int, a: int) -> tuple[int, ...]:
         """Layer ``i``'s allowed weight bits when its input has ``a`` bits."""
+        if not self.excluded[i]:  # the common case: no excluded pair
+            return self.weight_allowed[i]
         return tuple(w for w in self.weight_allowed[i] if (w, a) not in self.excluded[i])
 
 

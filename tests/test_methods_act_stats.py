@@ -64,10 +64,8 @@ def test_a_tensor_read_by_two_layers_is_scored_once(monkeypatch: pytest.MonkeyPa
             return y + self.b(x) + self.a.weight.sum() * 0
 
     calls = []
-    real = act_stats.prepare_input
-    monkeypatch.setattr(
-        act_stats, "prepare_input", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    real = act_stats._capture  # what the hook runs on each tensor it scores
+    monkeypatch.setattr(act_stats, "_capture", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = TwoReaders()
     with act_stats.record(model, {"a": [4, 8], "b": [4, 8]}, False) as stats, torch.no_grad():
         model(torch.rand(2, 3, 4, 4))

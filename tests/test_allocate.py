@@ -239,6 +239,42 @@ def test_infinite_budgets_give_max_bits() -> None:
     assert result.act_bits == {"a": 8, "b": 8, "c": 8}
 
 
+def _dominated(keys: list[tuple[float, int, int]], k: int) -> bool:
+    o, m, b = keys[k]
+    return any(
+        j != k
+        and keys[j][0] >= o
+        and keys[j][1] <= m
+        and keys[j][2] <= b
+        and (keys[j] != keys[k] or j < k)
+        for j in range(len(keys))
+    )
+
+
+@pytest.mark.parametrize("finite_bops", [False, True])
+def test_undominated_pairs_match_the_definition(finite_bops: bool) -> None:
+    """A pair is dropped iff another is no worse in objective, memory and BOPs (BOPs only when
+    that budget is finite) and strictly better in one of them or, on an exact tie, earlier."""
+    from ompq_plugin.allocate.problem import undominated_pairs
+
+    rng = random.Random(11)
+    for _ in range(500):
+        lay = AllocationLayer(
+            "l", "conv", rng.randint(1, 50), rng.randint(1, 500), 10, "g", (2,), (2,)
+        )
+        pairs = sorted(
+            {(rng.randint(1, 8), rng.choice([2, 4, 8])) for _ in range(rng.randint(1, 20))}
+        )
+        obj = [rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in pairs]
+        keys = [
+            (o, lay.params * w, lay.macs * w * a if finite_bops else 0)
+            for o, (w, a) in zip(obj, pairs, strict=True)
+        ]
+
+        expected = [p for k, p in enumerate(pairs) if not _dominated(keys, k)]
+        assert undominated_pairs(pairs, obj, lay, finite_bops) == expected
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_without_budgets_each_group_takes_its_best_choice(seed: int) -> None:
     """No finite budget: "auto" answers directly (solver "unbounded"), with the brute-force

@@ -368,13 +368,19 @@ def undominated_pairs(
     if n < 2:
         return list(pairs)
     w = np.array([p[0] for p in pairs], dtype=np.int64)
-    a = np.array([p[1] for p in pairs], dtype=np.int64)
     o = np.array(obj, dtype=np.float64)
     mem = lay.params * w
-    bops = lay.macs * w * a if finite_bops else np.zeros(n, dtype=np.int64)
+    idx = np.arange(n)
+    if not finite_bops:  # two criteria: sorted by memory (ties: better objective, then earlier
+        # pair first), a pair survives when it beats the best objective before it
+        order = np.lexsort((idx, -o, mem))
+        ranked = o[order]
+        before = np.maximum.accumulate(np.concatenate(([-np.inf], ranked[:-1])))
+        return [pairs[k] for k in np.sort(order[ranked > before])]
+    a = np.array([p[1] for p in pairs], dtype=np.int64)
+    bops = lay.macs * w * a
     # beats[j, k]: pair j dominates pair k (exact ties: the earlier pair stays)
     beats = (o[:, None] >= o) & (mem[:, None] <= mem) & (bops[:, None] <= bops)
-    idx = np.arange(n)
     beats &= (o[:, None] > o) | (mem[:, None] < mem) | (bops[:, None] < bops) | (idx[:, None] < idx)
     return [pairs[k] for k in np.flatnonzero(~beats.any(axis=0))]
 

@@ -484,6 +484,7 @@ def main() -> None:
         return
     solvers = ["dp", "highspy", "scipy_milp"] + (["mip_highs"] if args.highspy_path else [])
     results: dict[str, list[dict]] = {}
+    loads: dict[str, float] = {}  # 1-minute load average as each solver starts
     for name in solvers:
         env = dict(os.environ)
         if name == "mip_highs":
@@ -491,6 +492,7 @@ def main() -> None:
                 filter(None, [args.highspy_path, env.get("PYTHONPATH")])
             )
         print(f"{name} ...", flush=True)
+        loads[name] = os.getloadavg()[0]
         out = subprocess.run(
             [sys.executable, __file__, "--solver", name],
             check=True,
@@ -522,7 +524,8 @@ def main() -> None:
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
-            "note": "2 shared cores, other engineers' jobs running; run under nice -n 10",
+            "cpus": os.cpu_count(),
+            "load_average_1min_as_each_solver_starts": loads,
         },
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "time_limit_s": TIME_LIMIT_S,

@@ -2,12 +2,10 @@
 
 Without a finite budget, "auto" takes each act group's best choice directly (:mod:`.unbounded`).
 
-Measured on 90 ResNet-50 instances, 10 s limit: in ``bench/results/solvers.json`` (busy
-machine, each solver in turn) the DP (with the knapsack bounds of :mod:`.dp_memory`) proved all
-90, HiGHS via highspy 70, and the DP was the fastest on 53 (not on every instance: python-mip's
-HiGHS on 19 of the 30 error-shaped ones); run back to back at one load (``--solver dp`` then
-``--solver highspy``, README "Exact solvers") the DP proved 90 and HiGHS 88, the DP faster on 74
-(error-shaped: 27 of 30, median 0.32 s against 1.09 s). So "auto" runs the DP;
+Measured on 90 ResNet-50 instances, 10 s limit (``bench/results/solvers.json``, 2026-12-07,
+idle machine, each solver in turn): every solver proved all 90; the DP was the fastest on 85
+(median 0.023-0.041 s per family against HiGHS's 0.11-0.24 s), not on every instance (scipy's
+HiGHS on four, python-mip's on one, by 1-30 ms). So "auto" runs the DP;
 HiGHS takes over when the DP's states outgrow its limit and, on per-option problems (where the
 DP has no closed-form bound on its work), after half the time limit.
 """

@@ -118,3 +118,23 @@ def test_shared_weights_and_layerless_models_are_clear_errors():
         discover_layers(nn.Sequential(nn.ReLU()), torch.randn(1, 3, 4, 4))
     with pytest.raises(OmpqError, match="input size"):
         discover_layers(nn.Sequential(nn.Linear(5, 2)), torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
+def test_discovery_runs_in_eval_mode_and_restores_the_modes(mode: str) -> None:
+    """The pass runs every module in eval mode (BatchNorm uses, never updates, its running
+    statistics) and leaves each module's mode as it found it, a mixed model included."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model.train(mode != "eval")
+    if mode == "mixed":  # the root in eval mode, one BatchNorm left in training mode
+        model.eval()
+        model[1].train()
+    before = {n: m.training for n, m in model.named_modules()}
+    stats = model[1].running_mean.clone()
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, _a: seen.append(m.training))
+    discover_layers(model, torch.randn(2, 3, 8, 8))
+    assert seen == [False]
+    assert torch.equal(model[1].running_mean, stats)
+    after = {n: m.training for n, m in model.named_modules()}
+    assert after == before

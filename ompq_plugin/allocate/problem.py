@@ -92,8 +92,9 @@ class Allocation:
     max_act_buffer_bits: int
     solve_s: float
     status: str  # "optimal"
-    # "dp" (the exact DP), "highs" (the HiGHS integer program) or "unbounded" (no finite budget:
-    # each act group's best choice, :mod:`.unbounded`)
+    # "dp" (the exact DP), "highs" (the HiGHS integer program), "unbounded" (no finite budget:
+    # each act group's best choice, :mod:`.unbounded`) or "knapsack" (weight memory the only
+    # finite budget, :mod:`.knapsack`)
     solver: str = "dp"
 
 

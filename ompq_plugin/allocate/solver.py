@@ -1,6 +1,8 @@
 """Which exact method solves a problem: the DP first, HiGHS when the DP cannot finish.
 
-Without a finite budget, "auto" takes each act group's best choice directly (:mod:`.unbounded`).
+Without a finite budget, "auto" takes each act group's best choice directly (:mod:`.unbounded`);
+with weight memory the only finite one, it solves the knapsack over memory units
+(:mod:`.knapsack`) when that is small enough.
 
 Measured on 90 ResNet-50 instances, 10 s limit (``bench/results/solvers.json``, 2026-12-07,
 idle machine, each solver in turn): every solver proved all 90; the DP was the fastest on 85
@@ -18,6 +20,7 @@ from ompq_plugin.allocate import dp
 from ompq_plugin.allocate.dp import DpCache, TooHard, solve_dp
 from ompq_plugin.allocate.feasibility import check_feasible
 from ompq_plugin.allocate.highs import solve_highs
+from ompq_plugin.allocate.knapsack import solve_memory_knapsack
 from ompq_plugin.allocate.problem import (
     Allocation,
     AllocationProblem,
@@ -53,6 +56,16 @@ def solve_prepared(
             problem, solve_unbounded(prep, len(problem.layers)), start, "unbounded"
         )
         return allocation
+    if solver == "auto" and incumbent is None:
+        chosen = solve_memory_knapsack(problem, prep)
+        if chosen is not None:
+            allocation, broken = checked_allocation(problem, chosen, start, "knapsack")
+            if broken:  # cannot happen: the knapsack is exact in integers
+                raise OmpqError(
+                    "internal error: the knapsack returned a configuration over budget; "
+                    "please report this with the model and budgets"
+                )
+            return allocation
     warm = None
     if incumbent is not None:
         warm = [

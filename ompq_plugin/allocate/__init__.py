@@ -4,7 +4,9 @@
   bookkeeping and validation; :mod:`.feasibility`: each budget's exact minimum and the messages.
 * :mod:`.dp` (with :mod:`.dp_bounds`): an exact dynamic program over the act groups.
 * :mod:`.highs`: the same problem as a 0-1 integer program in HiGHS.
-* :mod:`.solver`: which of the two runs; :mod:`.pareto`: many budgets, one problem.
+* :mod:`.unbounded` (no finite budget) and :mod:`.knapsack` (weight memory the only finite
+  budget): exact shortcuts for those two common cases.
+* :mod:`.solver`: which of them runs; :mod:`.pareto`: many budgets, one problem.
 
 :func:`solve` never returns a configuration that breaks a budget (checked exactly, in
 integers) and only returns proven optima.
@@ -51,9 +53,10 @@ def solve(
     """Maximise the objective under the budgets; exact, proven optimal, never over budget.
 
     ``solver``: "auto" runs the DP, HiGHS taking over on instances too large for it and, for
-    per-option objectives, after half the time limit (see :mod:`.solver`), and without a finite
-    budget takes each act group's best choice directly; "dp" or "highs" force one (for
-    cross-checks; "dp" then fails on too-large instances).
+    per-option objectives, after half the time limit (see :mod:`.solver`); without a finite
+    budget it takes each act group's best choice directly, and with weight memory the only
+    finite budget it solves the knapsack over memory units (when small enough); "dp" or "highs"
+    force one (for cross-checks; "dp" then fails on too-large instances).
     Raises InfeasibleBudgetError (naming the budget and its smallest achievable value) when no
     configuration meets the budgets, and OmpqError on bad input or when optimality is not
     proven within ``time_limit_s``.

@@ -13,8 +13,8 @@ rule).
 
 :func:`solve_memory_knapsack` returns None (the general DP then solves it) when another budget
 is finite, a group has more than ``_MAX_OPTIONS`` weight combinations, or the table would pass
-``_MAX_CELLS`` numbers. On ResNet-20's search at a 5-bit average it answers in 0.5 ms against
-the DP's 3 ms (setup and two rounds), the same configuration.
+``_MAX_CELLS`` numbers. On ResNet-20's search at a 5-bit average the whole solve (validation
+included) takes 0.9 ms against the DP's 2.9 ms, with the same configuration.
 """
 
 from __future__ import annotations

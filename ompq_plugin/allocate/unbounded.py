@@ -5,9 +5,9 @@ one act group's choice to another's, so the optimum is, per group, the act width
 members' weight widths maximising ``aval[a] + sum_i wval_i[w_i]`` over the allowed (w, a) pairs
 (pins and excluded pairs as :func:`~ompq_plugin.allocate.problem.prepare` left them). Ties keep
 the narrowest act width, then the narrowest weight width (the cheapest, as the DP's dominance
-rule does). Exact, in one pass over the choices; the DP
-would reach the same optimum after building its steps and bounds (2 ms on ResNet-20, against
-0.1 ms here).
+rule does). Exact, in one pass over the choices; the DP reaches the same optimum after
+building its steps and bounds (ResNet-20's whole solve: 2-2.6 ms with the DP, 0.5-0.6 ms
+here, validation included).
 """
 
 from __future__ import annotations

@@ -70,8 +70,11 @@ def test_at_and_just_below_the_optimums_memory(seed: int) -> None:
     configuration (or none), as brute force says."""
     problem = memory_problem(seed)
     best = best_of(problem)
-    if best is None:
-        pytest.skip("infeasible draw")
+    if best is None:  # an infeasible draw: the budget at the cheapest configuration instead
+        low = sum(lay.params * min(lay.weight_choices) for lay in problem.layers)
+        problem = replace(problem, budgets=Budgets(weight_memory_bits=low))
+        best = best_of(problem)
+    assert best is not None
     used = usage(problem, best[1], best[2])[0]
     for budget in (used, used - 1):
         at = replace(problem, budgets=Budgets(weight_memory_bits=budget))

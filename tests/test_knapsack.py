@@ -39,11 +39,19 @@ def memory_problem(seed: int) -> AllocationProblem:
     return replace(problem, budgets=Budgets(weight_memory_bits=budget))
 
 
+@pytest.fixture
+def no_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The knapsack on every draw (its size limits only choose the faster solver)."""
+    monkeypatch.setattr(knapsack_module, "_MAX_OPTIONS", 1 << 20)
+    monkeypatch.setattr(knapsack_module, "_MAX_WORK", 1 << 40)
+
+
 def best_of(problem: AllocationProblem):
     return brute(problem) if problem.weight_value is not None else brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(40))
+@pytest.mark.usefixtures("no_size_limits")
 def test_knapsack_matches_brute_force_and_the_dp(seed: int) -> None:
     problem = memory_problem(seed)
     assert memory_only(problem)
@@ -65,6 +73,7 @@ def test_knapsack_matches_brute_force_and_the_dp(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(12))
+@pytest.mark.usefixtures("no_size_limits")
 def test_at_and_just_below_the_optimums_memory(seed: int) -> None:
     """A budget equal to the optimum's memory keeps that optimum; one bit less forces another
     configuration (or none), as brute force says."""
@@ -95,7 +104,9 @@ def test_other_budgets_or_a_large_table_leave_it_to_the_dp(monkeypatch: pytest.M
     )
     assert solve_memory_knapsack(with_bops, prepare(with_bops)) is None
     assert solve(with_bops).solver == "dp"
-    monkeypatch.setattr(knapsack_module, "_MAX_CELLS", 1)
-    assert solve_memory_knapsack(problem, prepare(problem)) is None
-    if best_of(problem) is not None:
-        assert solve(problem).solver == "dp"
+    for limit in ("_MAX_CELLS", "_MAX_WORK", "_MAX_OPTIONS"):
+        with monkeypatch.context() as patch:
+            patch.setattr(knapsack_module, limit, 1)
+            assert solve_memory_knapsack(problem, prepare(problem)) is None
+            if best_of(problem) is not None:
+                assert solve(problem).solver == "dp"

@@ -13,8 +13,9 @@ rule).
 
 :func:`solve_memory_knapsack` returns None (the general DP then solves it) when another budget
 is finite, a group has more than ``_MAX_OPTIONS`` weight combinations, or the table would pass
-``_MAX_CELLS`` numbers. On ResNet-20's search at a 5-bit average the whole solve (validation
-included) takes 0.9 ms against the DP's 2.9 ms, with the same configuration.
+``_MAX_CELLS`` numbers or ``_MAX_WORK`` updates. On ResNet-20's search at a 5-bit average the
+whole solve (validation included) takes 0.9 ms against the DP's 2.9 ms, with the same
+configuration.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ import numpy as np
 
 from ompq_plugin.allocate.problem import AllocationProblem, Prepared, budget_limits
 
-_MAX_OPTIONS = 4096  # weight-width combinations of one act group
+_MAX_OPTIONS = 64  # weight-width combinations of one act group (two layers of 7 widths: 49)
 _MAX_CELLS = 1 << 22  # DP table numbers (units x groups)
+# table updates (units x options): beyond this the general DP was faster (torchvision models:
+# GoogLeNet's 4-layer groups at a 5-bit average took 5 s here, 25 ms in the DP)
+_MAX_WORK = 1 << 20
 
 
 def memory_only(problem: AllocationProblem) -> bool:
@@ -40,8 +44,9 @@ def memory_only(problem: AllocationProblem) -> bool:
 def _group_options(
     problem: AllocationProblem, prep: Prepared, members: list[int], g: str
 ) -> list[tuple[int, float, int, tuple[int, ...]]] | None:
-    """(memory, value, act width, members' weight widths) of each combination, cheapest first
-    (ties: the better value first); None past ``_MAX_OPTIONS``."""
+    """(memory, value, act width, members' weight widths) of the combinations worth keeping,
+    cheapest first: each one better in value than every cheaper one (of equal values the
+    cheapest); None past ``_MAX_OPTIONS`` combinations."""
     choices = [prep.weight_allowed[i] for i in members]
     if math.prod(len(c) for c in choices) > _MAX_OPTIONS:
         return None
@@ -64,7 +69,13 @@ def _group_options(
         )
         out.append((memory, value, best_a, ws))
     out.sort(key=lambda o: (o[0], -o[1]))
-    return out
+    # only the options no cheaper one matches in value (the rest never pay: a group of four
+    # layers keeps tens of its 2,401 combinations)
+    frontier = []
+    for option in out:
+        if not frontier or option[1] > frontier[-1][1]:
+            frontier.append(option)
+    return frontier
 
 
 def solve_memory_knapsack(
@@ -84,7 +95,14 @@ def solve_memory_knapsack(
     diffs = [o[0] - options[0][0] for _, options in groups for o in options]
     unit = reduce(math.gcd, diffs, 0) or 1
     units = (math.floor(problem.budgets.weight_memory_bits) - base) // unit
-    if units < 0 or (units + 1) * len(groups) > _MAX_CELLS:
+    # more units than every group's dearest option needs change nothing
+    units = min(units, sum(options[-1][0] - options[0][0] for _, options in groups) // unit)
+    options_total = sum(len(options) for _, options in groups)
+    if (
+        units < 0
+        or (units + 1) * len(groups) > _MAX_CELLS
+        or (units + 1) * options_total > _MAX_WORK
+    ):
         return None
     best = np.zeros(units + 1)  # the largest value within each number of units
     picks = []

@@ -52,20 +52,11 @@ def solve_prepared(
     if not problem.layers:
         return Allocation({}, {}, 0.0, 0, 0, 0, time.perf_counter() - start, "optimal")
     if solver == "auto" and unbounded(problem):
-        allocation, _ = checked_allocation(
-            problem, solve_unbounded(prep, len(problem.layers)), start, "unbounded"
-        )
-        return allocation
+        return _exact(problem, solve_unbounded(prep, len(problem.layers)), start, "unbounded")
     if solver == "auto" and incumbent is None:
         chosen = solve_memory_knapsack(problem, prep)
         if chosen is not None:
-            allocation, broken = checked_allocation(problem, chosen, start, "knapsack")
-            if broken:  # cannot happen: the knapsack is exact in integers
-                raise OmpqError(
-                    "internal error: the knapsack returned a configuration over budget; "
-                    "please report this with the model and budgets"
-                )
-            return allocation
+            return _exact(problem, chosen, start, "knapsack")
     warm = None
     if incumbent is not None:
         warm = [
@@ -92,11 +83,19 @@ def solve_prepared(
                     f"the DP needed more than {dp._MAX_STATES} states per step; use solver='auto'"
                 ) from None
         else:
-            allocation, broken = checked_allocation(problem, chosen, start, "dp")
-            if broken:  # cannot happen: the DP is exact in integers
-                raise OmpqError(
-                    "internal error: the DP returned a configuration over budget; "
-                    "please report this with the model and budgets"
-                )
-            return allocation
+            return _exact(problem, chosen, start, "dp")
     return solve_highs(problem, prep, start, time_limit_s)
+
+
+def _exact(
+    problem: AllocationProblem, chosen: list[tuple[int, int]], start: float, solver: str
+) -> Allocation:
+    """The Allocation of an exact method's answer, re-checked in integers (it cannot break a
+    budget; if it does, that is a bug to report)."""
+    allocation, broken = checked_allocation(problem, chosen, start, solver)
+    if broken:
+        raise OmpqError(
+            f"internal error: the {solver} solver returned a configuration over budget; "
+            "please report this with the model and budgets"
+        )
+    return allocation

@@ -69,6 +69,23 @@ def _slices(n: int, j: int) -> int:
     return next((g for g in fits if n // g <= 256), fits[-1] if fits else 0)
 
 
+def _peak_slices(
+    flat: torch.Tensor, groups: int, j: int, nonnegative: bool
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(signed, cut, hits): the tensor cut into ``groups`` consecutive slices, ``cut`` the j-th
+    largest slice peak (magnitude), ``hits`` every element of the slices whose peak reaches it
+    (a copy). The two passes over the whole tensor (maxima, and minima unless ``nonnegative``)
+    are here."""
+    table = flat.view(groups, -1)
+    high = table.amax(dim=1)
+    low = None if nonnegative else table.amin(dim=1)
+    signed = low is not None and bool(low.min() < 0)
+    peaks = torch.maximum(high, -low) if low is not None and signed else high
+    cut = peaks.topk(j).values[-1]
+    hits = table.index_select(0, (peaks >= cut).nonzero().squeeze(1)).reshape(-1)
+    return signed, cut, hits
+
+
 def _top(
     flat: torch.Tensor, j: int, nonnegative: bool = False
 ) -> tuple[bool, torch.Tensor, torch.Tensor]:
@@ -86,13 +103,7 @@ def _top(
     if not groups:
         signed = not nonnegative and bool(flat.min() < 0)
         return signed, flat, flat.abs() if signed else flat
-    table = flat.view(groups, -1)
-    high = table.amax(dim=1)
-    low = None if nonnegative else table.amin(dim=1)
-    signed = low is not None and bool(low.min() < 0)
-    peaks = torch.maximum(high, -low) if low is not None and signed else high
-    cut = peaks.topk(j).values[-1]
-    hits = table.index_select(0, (peaks >= cut).nonzero().squeeze(1)).reshape(-1)
+    signed, cut, hits = _peak_slices(flat, groups, j, nonnegative)
     mags = hits.abs() if signed else hits
     keep = mags >= cut
     return signed, hits[keep], mags[keep]
@@ -235,13 +246,7 @@ def _capture(
         whole = flat.clone() if energy else flat[:0]
         known = False if nonnegative else None
         return _Captured(widths, power_of_two, n, j, energy, known, whole, None, None)
-    table = flat.view(groups, -1)
-    high = table.amax(dim=1)
-    low = None if nonnegative else table.amin(dim=1)
-    signed = low is not None and bool(low.min() < 0)
-    peaks = torch.maximum(high, -low) if low is not None and signed else high
-    cut = peaks.topk(j).values[-1]
-    kept = table.index_select(0, (peaks >= cut).nonzero().squeeze(1)).reshape(-1)
+    signed, cut, kept = _peak_slices(flat, groups, j, nonnegative)
     drawn = flat.index_select(0, _spread_indices(n, sample).to(flat.device))
     return _Captured(widths, power_of_two, n, j, energy, signed, kept, cut, drawn)
 

@@ -107,10 +107,9 @@ def solve_memory_knapsack(
     best = np.zeros(units + 1)  # the largest value within each number of units
     picks = []
     for _, options in groups:
-        cost = np.array([(o[0] - options[0][0]) // unit for o in options])
-        value = np.array([o[1] for o in options])
         table = np.full((len(options), units + 1), -np.inf)
-        for k, (c, v) in enumerate(zip(cost.tolist(), value.tolist(), strict=True)):
+        for k, (memory, v, _, _) in enumerate(options):
+            c = (memory - options[0][0]) // unit
             if c <= units:
                 table[k, c:] = best[: units + 1 - c] + v
         pick = table.argmax(axis=0)  # the first of equal values: the cheapest option

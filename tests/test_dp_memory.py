@@ -12,11 +12,18 @@ import random
 from dataclasses import replace
 
 import pytest
-from test_allocate import brute_force, extreme_usage, fits, random_problem, with_exclusions
-from test_allocate_values import brute, with_values
+from test_allocate import (
+    brute_force,
+    configs,
+    extreme_usage,
+    fits,
+    random_problem,
+    with_exclusions,
+)
+from test_allocate_values import brute, reference, with_values
 
-from ompq_plugin.allocate import dp, dp_memory, solve, usage
-from ompq_plugin.allocate.dp_bounds import build_steps
+from ompq_plugin.allocate import dp, dp_memory, objective_value, solve, usage
+from ompq_plugin.allocate.dp_bounds import Step, build_steps, lagrangian
 from ompq_plugin.allocate.problem import budget_limits, prepare
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import InfeasibleBudgetError
@@ -63,6 +70,69 @@ def test_knapsack_bound_never_below_the_optimum(
         assert root >= best[0] - 1e-9 * max(1.0, abs(best[0]))
     searched = dp_memory.memory_bound(steps, a_max, caps, 1e-6, iters=8, exact=exact).root(caps)
     assert searched >= best[0] - 1e-9 * max(1.0, abs(best[0]))
+
+
+def _states(steps: list[Step], problem, wb: dict[str, int], ab: dict[str, int]):
+    """The DP's state (value, memory, BOPs, open act bits) after each step on the way to this
+    configuration; None where a step lacks its option (a pair another pair dominates)."""
+    value, mem, bops, open_a, out = 0.0, 0, 0, 0, []
+    for k, st in enumerate(steps):
+        if st.kind == "pair":
+            name = problem.layers[st.layer].name
+            hit = [o for o in range(len(st.w)) if (st.w[o], st.a[o]) == (wb[name], ab[name])]
+        elif st.kind == "open":
+            member = problem.layers[steps[k + 1].layer].name  # the block's first layer
+            hit = [o for o in range(len(st.a)) if st.a[o] == ab[member]]
+        else:
+            hit = [o for o in range(len(st.w)) if st.w[o] == wb[problem.layers[st.layer].name]]
+        if not hit:
+            return None
+        o = hit[0]
+        value += float(st.value[o])
+        mem += int(st.mem[o])
+        bops += int(st.bops[o]) * (open_a if st.kind == "member" else 1)
+        if st.kind == "open":
+            open_a = int(st.a[o])
+        elif st.kind == "pair" or st.last:
+            open_a = 0
+        out.append((value, mem, bops, open_a))
+    return out
+
+
+@pytest.mark.parametrize("exact", [0, 1])
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_bound_holds_at_every_state_of_every_feasible_configuration(
+    seed: int, exact: int
+) -> None:
+    """The tables hold only the rows states can query (windows): every state on the way to a
+    configuration that fits must still be bounded by that configuration's objective, at the
+    cap and at the largest cap the tables serve (as a sweep reuses them)."""
+    import numpy as np
+
+    problem, per_option = _instance(300 + seed)
+    limits = budget_limits(problem.budgets)
+    steps, a_max = build_steps(problem, prepare(problem), limits)
+    caps = (math.floor(limits[0]), math.floor(limits[1]))
+    mu = lagrangian(steps, caps, (True, True))[1 - exact]
+    bound = dp_memory.memory_bound(steps, a_max, caps, mu, cover=caps[exact] * 2, exact=exact)
+    wider = (caps[0] * 2, caps[1]) if exact == 0 else (caps[0], caps[1] * 2)
+    checked = 0
+    for wb, ab in configs(problem):
+        if not fits(problem, wb, ab):
+            continue
+        states = _states(steps, problem, wb, ab)
+        if states is None:
+            continue
+        obj = reference(problem, wb, ab) if per_option else objective_value(problem, wb, ab)
+        assert states[-1][0] == pytest.approx(obj, rel=1e-9, abs=1e-12)
+        for k, (value, mem, bops, act) in enumerate(states):
+            for at in (caps, wider):
+                got = bound.bound(
+                    k, np.array([value]), np.array([act]), (np.array([mem]), np.array([bops])), at
+                )[0]
+                assert got >= obj - 1e-9 * max(1.0, abs(obj))
+        checked += 1
+    assert checked or brute_force(problem) is None
 
 
 @pytest.mark.parametrize("which", [0, 1])

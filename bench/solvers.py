@@ -19,8 +19,9 @@ compared with the best found:
   holding highspy 1.14, e.g. ``pip install --target /tmp/hs114 "highspy<1.15"``) first on the
   path. Without it this solver is skipped.
 
-Run: ``nice -n 10 python bench/solvers.py [--highspy-path /tmp/hs114]`` (a few minutes on 2
-cores). Writes bench/results/solvers.json.
+Run: ``nice -n 10 python bench/solvers.py [--highspy-path /tmp/hs114] [--repeats R]`` (a few
+minutes on 2 cores per repeat). Each instance is solved R times in a row by each solver and its
+fastest time counts (the same rule for all). Writes bench/results/solvers.json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from architectures import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solvers.json"
 FAMILIES = ("eq10", "eq10_buffer", "error")
@@ -161,30 +164,44 @@ def _via_formulation(problem, backend: str) -> tuple[str, list[tuple[int, int]] 
     return "optimal", _choice_from_x(form, np.array([v.x for v in xs]))
 
 
-def run_solver(name: str) -> list[dict]:
+def _solve_once(name: str, problem) -> tuple[float, str, dict | None, dict | None]:
+    """(seconds, status, weight bits, act bits) of one solve by ``name``."""
+    from ompq_plugin.allocate import solve
+    from ompq_plugin.errors import OmpqError
+
+    start = time.perf_counter()
+    try:
+        if name in ("dp", "highspy"):
+            result = solve(problem, TIME_LIMIT_S, solver="dp" if name == "dp" else "highs")
+            status, wb, ab = result.status, result.weight_bits, result.act_bits
+        else:
+            status, chosen = _via_formulation(problem, name)
+            wb = ab = None
+            if chosen is not None:
+                wb = {lay.name: w for lay, (w, _) in zip(problem.layers, chosen, strict=True)}
+                ab = {lay.name: a for lay, (_, a) in zip(problem.layers, chosen, strict=True)}
+    except OmpqError as exc:
+        status, wb, ab = f"error: {exc}"[:120], None, None
+    return time.perf_counter() - start, status, wb, ab
+
+
+def run_solver(name: str, repeats: int = 1) -> list[dict]:
+    """Every instance solved ``repeats`` times in a row; its time is the fastest of them (the
+    machine's speed drifts; the same rule for every solver)."""
     import torch
 
-    from ompq_plugin.allocate import objective_value, solve, usage
-    from ompq_plugin.errors import OmpqError
+    from ompq_plugin.allocate import objective_value, usage
 
     torch.set_num_threads(1)
     runs = []
     for desc, problem in instances():
-        start = time.perf_counter()
-        try:
-            if name in ("dp", "highspy"):
-                result = solve(problem, TIME_LIMIT_S, solver="dp" if name == "dp" else "highs")
-                status, wb, ab = result.status, result.weight_bits, result.act_bits
-            else:
-                status, chosen = _via_formulation(problem, name)
-                wb = ab = None
-                if chosen is not None:
-                    wb = {lay.name: w for lay, (w, _) in zip(problem.layers, chosen, strict=True)}
-                    ab = {lay.name: a for lay, (_, a) in zip(problem.layers, chosen, strict=True)}
-        except OmpqError as exc:
-            status, wb, ab = f"error: {exc}"[:120], None, None
-        seconds = time.perf_counter() - start
-        run = {**desc, "seconds": seconds, "status": status}
+        times = []
+        for _ in range(repeats):
+            seconds, status, wb, ab = _solve_once(name, problem)
+            times.append(seconds)
+        run = {**desc, "seconds": min(times), "status": status}
+        if repeats > 1:
+            run["seconds_each"] = times
         if wb is not None:
             used = usage(problem, wb, ab)
             b = problem.budgets
@@ -455,6 +472,9 @@ def main() -> None:
     parser.add_argument("--solver")
     parser.add_argument("--highspy-path", help="folder with highspy < 1.15 for mip.HIGHS")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="solves per instance and solver; the fastest counts"
+    )
+    parser.add_argument(
         "--sweep-profile",
         action="store_true",
         help="only profile the ResNet-50 sweep -> bench/results/sweep_profile.json",
@@ -480,7 +500,7 @@ def main() -> None:
         print(f"wrote {out}")
         return
     if args.solver:
-        print(json.dumps(run_solver(args.solver)))
+        print(json.dumps(run_solver(args.solver, args.repeats)))
         return
     solvers = ["dp", "highspy", "scipy_milp"] + (["mip_highs"] if args.highspy_path else [])
     results: dict[str, list[dict]] = {}
@@ -494,7 +514,7 @@ def main() -> None:
         print(f"{name} ...", flush=True)
         loads[name] = os.getloadavg()[0]
         out = subprocess.run(
-            [sys.executable, __file__, "--solver", name],
+            [sys.executable, __file__, "--solver", name, "--repeats", str(args.repeats)],
             check=True,
             stdout=subprocess.PIPE,
             text=True,
@@ -529,6 +549,8 @@ def main() -> None:
         },
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "time_limit_s": TIME_LIMIT_S,
+        "repeats": args.repeats,
+        "code": code_version(),
         "versions": {"scipy": scipy.__version__},
         "summary": summary,
         "fastest_count": {str(k): v for k, v in fastest.items()},

@@ -162,7 +162,7 @@ def suffix_bounds(steps: list[Step], a_max: int, lam: tuple[float, float]) -> Su
     return Suffix(bound, mem, bops, tail)
 
 
-_HINTED_ITERS = 10  # golden-section steps per multiplier when started near a hint
+_HINTED_ITERS = 20  # golden-section steps per multiplier when started near a hint (a sweep)
 _COLD_ITERS = 16  # ... and otherwise (see `lagrangian`)
 
 
@@ -273,7 +273,10 @@ def lagrangian(
     took 2.69 s in total with 30 steps, 1.94 s with 16, 1.84 s with 12, but 3.7 s with 10 (one
     instance 10x slower: its bound too loose), so 16 keeps a margin; ResNet-20 / 56 searches
     under memory and BOPs budgets: 6.9 -> 4.2 ms and 12.6-19.8 -> 9.3-16.3 ms per solve
-    (2026-12-07, ad-hoc scripts, every objective unchanged).
+    (2026-12-07, ad-hoc scripts, every objective unchanged). Near a hint (a sweep's previous
+    point), 20 steps: the ResNet-50 sweep of ``bench/solvers.py --sweep-time`` with the Eq. 10
+    objective took 13.7 s with 10, 7.1 s with 16, 6.5 s with 20 to 30 (its near-ties need a
+    precise bound); the default method's sweep 1.2 s with 10, 1.5 s with 20.
     """
     dual = _Dual(steps)
     c0, c1 = max(caps[0], 1), max(caps[1], 1)
@@ -284,7 +287,7 @@ def lagrangian(
     spread = sum(float(st.value.max() - st.value.min()) for st in steps) + 1.0
     start_u = 2 * hint[0] * c0 if hint and hint[0] > 0 else spread
     start_v = 2 * hint[1] * c1 if hint and hint[1] > 0 else spread
-    iters = _HINTED_ITERS if hint else _COLD_ITERS  # near a hint, fewer steps bound about as well
+    iters = _HINTED_ITERS if hint else _COLD_ITERS
     if on[0] and on[1]:
         best_u: dict[float, float] = {}
 

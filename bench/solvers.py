@@ -423,7 +423,8 @@ def sweep_time(highs_sweep: bool = True) -> dict:
         "layers": len(problem.layers),
         "choices": "weight 2..8, act 2/4/6/8; first and last layer pinned 8/8",
         "line": "memory 2.6 -> 8 bits per weight, BOPs 8 -> 64 x MACs, 100 points",
-        "machine": "2 shared cores, other jobs running; nice -n 5, one thread",
+        "machine": f"{os.cpu_count()} cores, one thread; load average recorded per case",
+        "code": code_version(),
         "cases": rows,
         "eq10_pointwise": hard,
     }

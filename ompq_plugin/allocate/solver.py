@@ -5,11 +5,11 @@ with weight memory the only finite one, it solves the knapsack over memory units
 (:mod:`.knapsack`) when that is small enough.
 
 Measured on 90 ResNet-50 instances, 10 s limit (``bench/results/solvers.json``, 2026-12-07,
-idle machine, each solver in turn): every solver proved all 90; the DP was the fastest on 85
-(median 0.023-0.041 s per family against HiGHS's 0.11-0.24 s), not on every instance (scipy's
-HiGHS on four, python-mip's on one, by 1-30 ms). So "auto" runs the DP;
-HiGHS takes over when the DP's states outgrow its limit and, on per-option problems (where the
-DP has no closed-form bound on its work), after half the time limit.
+idle machine, each solver in turn, the fastest of three solves per instance): every solver proved
+all 90; the DP was the fastest on all 90 (median 0.015-0.025 s per family against HiGHS's
+0.079-0.163 s; narrowest margin 18.9 ms against 20.1 ms). So "auto" runs the DP; HiGHS takes
+over when the DP's states outgrow its limit and, on per-option problems (where the DP has no
+closed-form bound on its work), after half the time limit.
 """
 
 from __future__ import annotations

@@ -67,6 +67,20 @@ def orm(y: Features, z: Features, form: OrmForm = "centred") -> float:
     return orm_from_grams(gram(y), gram(z), form)
 
 
+def _flat_prepared(grams: list[torch.Tensor], form: OrmForm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, norms): every Gram prepared as ``form`` says (all at once), flattened to a row of
+    an L x N^2 float64 matrix, and each row's Frobenius norm."""
+    if form not in ORM_FORMS:
+        raise ValueError(f"unknown ORM form {form!r}; choose one of {ORM_FORMS}")
+    g = torch.stack([x.to(torch.float64) for x in grams])
+    if form == "centred":  # H G H, as :func:`center`, on the whole stack
+        g = g - g.mean(dim=1, keepdim=True) - g.mean(dim=2, keepdim=True) + g.mean(
+            dim=(1, 2), keepdim=True
+        )
+    rows = g.reshape(len(grams), -1)
+    return rows, torch.linalg.norm(rows, dim=1)
+
+
 def orm_matrix(grams: list[torch.Tensor], form: OrmForm = "centred") -> np.ndarray:
     """K = [ORM(i, j)] for all layer pairs: symmetric, unit diagonal, entries in [0, 1].
 
@@ -79,14 +93,11 @@ def orm_matrix(grams: list[torch.Tensor], form: OrmForm = "centred") -> np.ndarr
     """
     if not grams:
         return np.zeros((0, 0))
-    rows = []
-    for i, g in enumerate(grams):
-        p = _prepare(g, form)
-        norm = torch.linalg.norm(p)
-        if not torch.isfinite(norm):
-            raise ValueError(f"Gram matrix {i} has a non-finite norm")
-        rows.append((p / norm if norm > 0 else torch.zeros_like(p)).reshape(-1))
-    v = torch.stack(rows)
+    rows, norms = _flat_prepared(grams, form)
+    bad = (~torch.isfinite(norms)).nonzero()
+    if len(bad):
+        raise ValueError(f"Gram matrix {int(bad[0])} has a non-finite norm")
+    v = rows / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]  # a zero row stays 0
     k = (v @ v.T).numpy()
     k = (k + k.T) / 2  # exact symmetry
     np.fill_diagonal(k, 1.0)
@@ -95,4 +106,6 @@ def orm_matrix(grams: list[torch.Tensor], form: OrmForm = "centred") -> np.ndarr
 
 def uninformative(grams: list[torch.Tensor], form: OrmForm = "centred") -> list[int]:
     """Indices of layers whose (centred) Gram is zero: the same feature for every sample."""
-    return [i for i, g in enumerate(grams) if float(torch.linalg.norm(_prepare(g, form))) == 0.0]
+    if not grams:
+        return []
+    return (_flat_prepared(grams, form)[1] == 0.0).nonzero().flatten().tolist()

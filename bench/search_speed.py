@@ -373,6 +373,7 @@ def main() -> None:
         RESULTS.write_text(json.dumps({**previous, "searches": cases}, indent=2) + "\n")
         print(f"wrote {RESULTS}")
         return
+    load_before = os.getloadavg()[0]
     print("ResNet-50 integer program ...", flush=True)
     ip = child("--ip")
     spread = child("--spread")
@@ -388,12 +389,14 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "measured": time.strftime("%Y-%m-%d"),
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "code": code_version(),
         "searches": cases,
         "resnet50_integer_program": ip,
         "orm_form_spread_resnet20": spread,
         "pareto_sweep_resnet50": sweep,
-        "machine_note": "2 cores shared with other engineers' jobs (load 8-16); nice -n 10",
+        "machine_note": f"load average {load_before:.2f} before the stages, "
+        f"{os.getloadavg()[0]:.2f} after; each search case records its own",
         "targets": {
             "search_within_1.5x_forward": all(c["ratio_to_forward"] <= 1.5 for c in cases),
             "resnet50_n64_peak_under_4GB": all(

@@ -270,9 +270,10 @@ def lagrangian(
 
     Without a hint, ``_COLD_ITERS`` = 16 steps per multiplier (each nested search costs about
     (steps + 3)^2 evaluations): on the 90 ResNet-50 instances of ``bench/solvers.py`` the DP
-    took 2.69 s in total with 30 steps, 1.94 s with 16, 1.84 s with 12, but 3.7 s with 10 (one
-    instance 10x slower: its bound too loose), so 16 keeps a margin; ResNet-20 / 56 searches
-    under memory and BOPs budgets: 6.9 -> 4.2 ms and 12.6-19.8 -> 9.3-16.3 ms per solve
+    took 2.66 s in total with 30 steps, 2.16 s with 20, 2.06-2.12 s with 16, 2.07 s with 12, but
+    4.1 s with 10 (one instance 16x slower: its bound too loose), so 16 keeps a margin;
+    ResNet-20 / 56 searches under memory and BOPs budgets: 6.9 -> 4.2 ms and 12.6-19.8 ->
+    9.3-16.3 ms per solve
     (2026-12-07, ad-hoc scripts, every objective unchanged). Near a hint (a sweep's previous
     point), 20 steps: the ResNet-50 sweep of ``bench/solvers.py --sweep-time`` with the Eq. 10
     objective took 13.7 s with 10, 7.1 s with 16, 6.5 s with 20 to 30 (its near-ties need a

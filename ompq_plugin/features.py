@@ -139,11 +139,12 @@ def check_gram(g: torch.Tensor, layer_names: list[str], all_zero: bool | None = 
     """A non-finite or all-zero feature makes ORM meaningless: stop with the layer's name.
 
     ``all_zero`` (when known) says whether the raw features were all zero; by default the
-    Gram's diagonal decides (right for a Gram of raw features).
+    Gram's diagonal decides (right for a Gram of raw features). The diagonal is read in numpy
+    (the N x N Gram is on the CPU): torch's calls cost ~20 us more per layer.
     """
-    diag = torch.diagonal(g)
+    diag = np.diagonal(g.numpy())
     name = layer_names[0]
-    if not torch.isfinite(diag).all():
+    if not np.isfinite(diag).all():
         raise OmpqError(
             f"layer {name} produced NaN/Inf activations on the search samples; check the "
             "weights (corrupt checkpoint?) and the input normalisation"

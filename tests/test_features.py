@@ -127,6 +127,16 @@ def test_float32_centred_orm_matches_float64_on_real_resnet20(data_dir):
     assert float(abs(k64 - k32).max()) < 1e-6
 
 
+@pytest.mark.parametrize("centred", [False, True])
+def test_nan_feature_names_the_layer_when_grams_are_formed(centred):
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(OmpqError, match="layer 3 produced NaN/Inf"):
+        collect_grams(model, discover_layers(model, x[:1]), x, centred=centred)
+
+
 def _stream(model, x, widths):
     return features.discover_and_stream(
         model, x, grams=False, centred=True, act_widths=lambda names, _o: widths, power_of_two=False

@@ -1,12 +1,14 @@
 """Pareto front of one model on one target: one ORM measurement, then many budgets.
 
-``pareto_front`` runs the search once at the loosest budgets (features, ORM, importances, the
-integer program), then re-solves that same problem at every budget of a line from ``low`` to
-``high`` (:func:`ompq_plugin.allocate.sweep`), each point proven optimal.
+``pareto_front`` runs the search once at the loosest budgets (features, importances, error
+tables, the integer program), then re-solves that same problem at every budget of a line from
+``low`` to ``high`` (:func:`ompq_plugin.allocate.sweep`), each point proven optimal. Each point
+can be written as a BitConfig (:meth:`ParetoFront.config_at`) for ``quantize``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from ompq_plugin.allocate import ParetoPoint, budget_line, sweep
-from ompq_plugin.budgets import Budgets
+from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import write_text_atomic
 from ompq_plugin.hw_profiles import load_profile
@@ -34,12 +37,53 @@ class ParetoFront:
     search: SearchResult  # the one search (ORM, importances) the sweep re-solved
     sweep_s: float  # every point of the sweep together (the search excluded)
 
+    def config_at(self, index: int, base: BitConfig | None = None) -> BitConfig:
+        """Point ``index`` as a BitConfig (for ``quantize``): ``base`` (default: the search's
+        own BitConfig) with that point's bits and budgets."""
+        base = base if base is not None else self.search.config
+        point = self.points[index]
+        bits = point.allocation
+        layers = [
+            replace(lb, weight_bits=bits.weight_bits[lb.name], act_bits=bits.act_bits[lb.name])
+            for lb in base.layers
+        ]
+        return replace(base, layers=layers, budgets=point.budgets)
+
+    def slack_notes(self) -> list[str]:
+        """A line for each finite budget that no point reaches (its range is above all the
+        model can use there: a sweep along it changes nothing)."""
+        notes = []
+        for label, used, field_name, scale, unit in (
+            ("weight memory", "weight_memory_bits", "weight_memory_bits", KIB_BITS, "KiB"),
+            ("BOPs", "bops", "bops", 1e9, "G"),
+            ("activation buffer", "max_act_buffer_bits", "act_buffer_bits", KIB_BITS, "KiB"),
+        ):
+            lowest = min(getattr(p.budgets, field_name) for p in self.points)
+            most = max(getattr(p.allocation, used) for p in self.points)
+            if math.isfinite(lowest) and most < lowest:
+                notes.append(
+                    f"the {label} budget never binds: every point uses at most "
+                    f"{most / scale:.4g} {unit}, below its lowest budget {lowest / scale:.4g} "
+                    f"{unit}; lower its range to trade {label} against accuracy"
+                )
+        return notes
+
     def to_json(self) -> dict[str, Any]:
+        config = self.search.config
         return {
             "model": self.model,
             "profile": self.profile,
             "total_params": self.total_params,
             "total_macs": self.total_macs,
+            "search": {  # how the one search behind every point was made
+                "method": config.method,
+                "beta": config.beta,
+                "act_weight": config.act_weight,
+                "samples": config.samples,
+                "seed": config.seed,
+                "orm_form": config.orm_form,
+                "versions": config.versions,
+            },
             "sweep_s": self.sweep_s,
             "points": [
                 {
@@ -49,6 +93,7 @@ class ParetoFront:
                     "avg_weight_bits": p.allocation.weight_memory_bits / max(self.total_params, 1),
                     "bops": p.allocation.bops,
                     "max_act_buffer_bits": p.allocation.max_act_buffer_bits,
+                    "status": p.allocation.status,
                     "solver": p.allocation.solver,
                     "solve_s": p.allocation.solve_s,
                     "weight_bits": p.allocation.weight_bits,

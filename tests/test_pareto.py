@@ -100,3 +100,54 @@ def test_cli_pareto_writes_a_monotone_front(data_dir, tmp_path, capsys) -> None:
     assert all(p["budgets"]["bops"] == 3e9 and p["bops"] <= 3e9 for p in front["points"])
     assert main([*argv[:-1], str(tmp_path / "bad.json"), "--points", "1"]) == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, tmp_path, capsys):
+    import json
+
+    from ompq_plugin.bitconfig import BitConfig
+    from ompq_plugin.cli import main
+
+    out, bits = tmp_path / "front.json", tmp_path / "points"
+    argv = ["pareto", "--model", "resnet20", "--data", str(data_dir), "--samples", "16",
+            "--avg-weight-bits", "3:6", "--bops-g", "20:80", "--points", "3", "--act-bits", "8",
+            "-o", str(out), "--bits-dir", str(bits)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "the BOPs budget never binds" in captured.err  # ResNet-20 uses ~2.6 G at most
+    front = json.loads(out.read_text())
+    assert front["search"]["method"] == "ompq-noise" and front["search"]["samples"] == 16
+    assert [p["status"] for p in front["points"]] == ["optimal"] * 3
+    for i, point in enumerate(front["points"]):
+        config = BitConfig.load(bits / f"point_{i:03d}.json")
+        assert {lb.name: lb.weight_bits for lb in config.layers} == point["weight_bits"]
+        assert {lb.name: lb.act_bits for lb in config.layers} == point["act_bits"]
+        assert config.budgets.weight_memory_bits == point["budgets"]["weight_memory_bits"]
+        assert config.weights is not None  # the checkpoint's hash, as `ompq search` records
+    assert set(point["act_bits"].values()) == {8}  # --act-bits narrowed the free layers
+    # a folder already holding point files is refused before any work, nothing is written
+    again = tmp_path / "again.json"
+    assert main([*argv[:-4], "-o", str(again), "--bits-dir", str(bits)]) == 1
+    assert "already holds point_000.json" in capsys.readouterr().err and not again.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no budget to sweep"),
+        (["--avg-weight-bits", "8:3"], "the low end comes first"),
+        (["--avg-weight-bits", "3:inf"], "positive and finite"),
+        (["--bops-g", "1", "--time-limit", "0"], "--time-limit must be a positive finite"),
+        (["--bops-g", "1", "--samples", "-1"], "--samples must be a positive finite"),
+        (["--bops-g", "1", "--pin", "nope"], "NAME=W/A"),
+    ],
+)
+def test_cli_pareto_refuses_bad_input_before_any_work(extra, message, tmp_path, capsys):
+    from ompq_plugin.cli import main
+
+    out = tmp_path / "front.json"
+    try:
+        code = main(["pareto", "--model", "resnet20", *extra, "-o", str(out)])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code in (1, 2) and message in capsys.readouterr().err and not out.exists()

@@ -206,3 +206,19 @@ def test_avg_weight_bits_counts_the_discovered_layers(resnet20):
                          method="size-greedy")
     assert by_avg.config.budgets == by_bits.config.budgets
     assert by_avg.allocation.weight_bits == by_bits.allocation.weight_bits
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--avg-weight-bits", "inf"], ["--bops-g", "nan"], ["--time-limit", "-1"],
+     ["--samples", "0"]],
+)
+def test_cli_search_refuses_non_positive_or_infinite_numbers(extra, tmp_path, capsys):
+    """An infinite budget is no budget (the flag left out), a time limit must be positive:
+    one line naming the flag, before any work, no file."""
+    from ompq_plugin.cli import main
+
+    out = tmp_path / "bits.json"
+    assert main(["search", "--model", "resnet20", *extra, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{extra[0]} must be a positive finite number" in err and not out.exists()

@@ -1,35 +1,56 @@
-"""``ompq pareto``: one ORM measurement, then the proven optimum at many budgets (a front)."""
+"""``ompq pareto``: one search, then the proven optimum at many budgets (a front)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from typing import TYPE_CHECKING, Any
 
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
-from ompq_plugin.cli.search_cmd import add_sampling_options
+from ompq_plugin.cli.search_cmd import (
+    add_choice_options,
+    add_sampling_options,
+    check_positive,
+    choice_options,
+)
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.methods import DEFAULT_METHOD, METHODS
 
+if TYPE_CHECKING:
+    from ompq_plugin.pareto import ParetoFront
+
 
 def _span(text: str) -> tuple[float, float]:
-    """``LO:HI`` (a swept budget) or ``X`` (fixed: both ends X)."""
+    """``LO:HI`` (a swept budget) or ``X`` (fixed: both ends X), positive and finite."""
     try:
         parts = [float(x) for x in text.split(":")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give LO:HI or one number") from None
-    if len(parts) not in (1, 2) or not all(x > 0 for x in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: give LO:HI or one positive number")
+    if len(parts) not in (1, 2) or not all(math.isfinite(x) and x > 0 for x in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give LO:HI or one number, positive and finite (leave the flag out for "
+            "no limit)"
+        )
+    if parts[0] > parts[-1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the low end comes first, e.g. "
+                                         f"{parts[-1]:g}:{parts[0]:g}")
     return parts[0], parts[-1]
+
+
+_SWEPT = ("avg_weight_bits", "weight_memory_kib", "bops_g", "act_buffer_kib")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pareto",
-        help="sweep budgets (one ORM measurement) and write the optimal front as JSON",
+        help="sweep budgets (one search) and write the optimal front as JSON",
         description="Search once, then solve the same integer program at --points budgets "
-        "evenly spaced between the LO and HI ends of each swept budget (LO:HI).",
+        "evenly spaced between the LO and HI ends of each swept budget (LO:HI). Each point "
+        "is proven optimal; --bits-dir also writes each point as a BitConfig for "
+        "`ompq quantize`.",
     )
     add_model_options(p)
     p.add_argument("--profile", default="generic", help="profile name or .toml path")
@@ -45,8 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (see `ompq search --help`)")
     add_sampling_options(p)
+    add_choice_options(p)
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit per point")
     p.add_argument("-o", "--output", required=True, help="front JSON to write")
+    p.add_argument("--bits-dir", metavar="DIR",
+                   help="also write each point as a BitConfig, DIR/point_NNN.json (for "
+                   "`ompq quantize --bits`)")
     p.add_argument("--json", action="store_true", help="print the front JSON, not a table")
     p.set_defaults(func=run)
 
@@ -62,7 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "hawq":
         raise OmpqError("ompq pareto does not run --method hawq (it needs labelled images); "
                         "use `ompq search --method hawq` per budget")
+    if all(getattr(args, name) is None for name in _SWEPT):
+        raise OmpqError("no budget to sweep; give --avg-weight-bits (or --weight-memory-kib), "
+                        "--bops-g or --act-buffer-kib as LO:HI")
+    check_positive(args, ("samples", "time_limit"))
+    choices = choice_options(args)  # bad pins fail before any work
     check_writable(args.output)
+    if args.bits_dir is not None:
+        _check_bits_dir(args.bits_dir, args.points)
     source = open_source(args)
     model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
     samples = search_samples(source, spec, args.samples, seed=args.seed)
@@ -90,19 +122,57 @@ def run(args: argparse.Namespace) -> int:
         model_name=spec.name,
         seed=args.seed,
         device=args.device,
+        **choices,
     )
-    front.save(args.output)
+    _save(front, args, spec)
     if args.json:
         print(json.dumps(front.to_json(), indent=1))
-        return 0
-    print(f"{'point':>5} {'avg w bits':>10} {'GBOPs':>10} {'objective':>12} solver")
-    for i, p in enumerate(front.points):
-        a = p.allocation
-        print(
-            f"{i:>5} {a.weight_memory_bits / max(front.total_params, 1):>10.3f} "
-            f"{a.bops / 1e9:>10.3f} {a.objective:>12.6g} {a.solver}"
-        )
-    print(f"{len(front.points)} points solved in {front.sweep_s:.2f} s; wrote {args.output}")
+    else:
+        print(f"{'point':>5} {'avg w bits':>10} {'GBOPs':>10} {'objective':>12} status   solver")
+        for i, p in enumerate(front.points):
+            a = p.allocation
+            print(
+                f"{i:>5} {a.weight_memory_bits / max(front.total_params, 1):>10.3f} "
+                f"{a.bops / 1e9:>10.3f} {a.objective:>12.6g} {a.status:<8} {a.solver}"
+            )
+        written = args.output + (f" and {len(front.points)} BitConfigs in {args.bits_dir}"
+                                 if args.bits_dir else "")
+        print(f"{len(front.points)} points solved in {front.sweep_s:.2f} s; wrote {written}")
+    for note in front.slack_notes():
+        print(f"ompq: note: {note}", file=sys.stderr)
     if not spec.pretrained:
         print(f"ompq: note: {spec.name} has random weights (no checkpoint loaded)", file=sys.stderr)
     return 0
+
+
+def _check_bits_dir(path: str, points: int) -> None:
+    """--bits-dir is a folder (made if missing) that holds no point files yet."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OmpqError(f"--bits-dir {path} is a file; give a folder")
+    clash = [f"point_{i:03d}.json" for i in range(points) if (folder / f"point_{i:03d}.json")
+             .exists()]
+    if clash:
+        raise OmpqError(f"--bits-dir {path} already holds {clash[0]}; give an empty or new folder")
+
+
+def _save(front: ParetoFront, args: argparse.Namespace, spec: Any) -> None:
+    """The front JSON and, with --bits-dir, one BitConfig per point: all files appear, or
+    none."""
+    from pathlib import Path
+
+    from ompq_plugin.fileio import atomic_paths
+
+    paths = [args.output]
+    configs = []
+    if args.bits_dir is not None:
+        Path(args.bits_dir).mkdir(parents=True, exist_ok=True)
+        base = front.search.config.with_model_info(spec)  # the weights' hash once
+        configs = [front.config_at(i, base) for i in range(len(front.points))]
+        paths += [str(Path(args.bits_dir) / f"point_{i:03d}.json") for i in range(len(configs))]
+    with atomic_paths(*paths) as (front_tmp, *config_tmps):
+        front.save(front_tmp)
+        for config, tmp in zip(configs, config_tmps, strict=True):
+            config.save(tmp)

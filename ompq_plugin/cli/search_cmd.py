@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -33,16 +34,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mem.add_argument("--avg-weight-bits", type=float, help="weight memory as average bits/param")
     p.add_argument("--bops-g", type=float, help="BOPs budget in G (MACs x w x a)")
     p.add_argument("--act-buffer-kib", type=float, help="largest activation buffer budget")
-    p.add_argument("--weight-bits", type=_bit_list, metavar="LIST",
-                   help="narrow the profile's weight bits for free layers, e.g. 3,4,5,6,8")
-    p.add_argument("--act-bits", type=_bit_list, metavar="LIST",
-                   help="narrow the profile's activation bits for free layers, e.g. 8")
     add_sampling_options(p)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (default %(default)s): "
                    + "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
     p.add_argument("--hessian-images", type=int, default=HAWQ_IMAGES,
                    help="labelled training images for --method hawq (default %(default)s)")
+    add_choice_options(p)
+    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit (s)")
+    p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
+    p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
+    p.add_argument("--orm-plot", metavar="PNG",
+                   help="also save the ORM matrix as a heat map, with the chosen bits per layer "
+                   "(.png, .svg or .pdf)")
+    p.add_argument("--bits-plot", metavar="PNG",
+                   help="also save a per-layer chart of the chosen bits (.png, .svg or .pdf)")
+    p.set_defaults(func=run)
+
+
+def add_choice_options(p: argparse.ArgumentParser) -> None:
+    """What the search may choose and how it ranks layers, shared by `ompq search` and
+    `ompq pareto`: --weight-bits, --act-bits, --orm-form, --importance, --pin,
+    --no-pin-first-last, --allow-unsupported."""
+    p.add_argument("--weight-bits", type=_bit_list, metavar="LIST",
+                   help="narrow the profile's weight bits for free layers, e.g. 3,4,5,6,8")
+    p.add_argument("--act-bits", type=_bit_list, metavar="LIST",
+                   help="narrow the profile's activation bits for free layers, e.g. 8")
     p.add_argument("--orm-form", default="centred", choices=["centred", "uncentred"],
                    help="centred Grams (linear CKA, the authors' code) or the paper's Eq. 6")
     p.add_argument(
@@ -55,15 +72,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="let the solver choose the first and last layer's bits too")
     p.add_argument("--allow-unsupported", action="store_true",
                    help="keep unsupported layer types in float instead of stopping")
-    p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit (s)")
-    p.add_argument("-o", "--output", required=True, help="BitConfig JSON to write")
-    p.add_argument("--json", action="store_true", help="print the BitConfig JSON, not tables")
-    p.add_argument("--orm-plot", metavar="PNG",
-                   help="also save the ORM matrix as a heat map, with the chosen bits per layer "
-                   "(.png, .svg or .pdf)")
-    p.add_argument("--bits-plot", metavar="PNG",
-                   help="also save a per-layer chart of the chosen bits (.png, .svg or .pdf)")
-    p.set_defaults(func=run)
+
+
+def choice_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run_search keywords of :func:`add_choice_options`' flags (pins parsed: bad input
+    fails before any work)."""
+    from ompq_plugin.searcher import parse_pin
+
+    return {
+        "weight_bits": args.weight_bits,
+        "act_bits": args.act_bits,
+        "orm_form": args.orm_form,
+        "importance_fn": args.importance,
+        "pins": dict(parse_pin(text) for text in args.pin),
+        "pin_first_last": not args.no_pin_first_last,
+        "allow_unsupported": args.allow_unsupported,
+    }
+
+
+_BUDGET_FLAGS = frozenset({"weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib"})
+
+
+def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Each named flag, when given, is a positive finite number (an infinite budget is no
+    budget: the flag is left out)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None or (math.isfinite(value) and value > 0):
+            continue
+        flag = "--" + name.replace("_", "-")
+        fix = (f"give a positive value, or leave {flag} out for no limit"
+               if name in _BUDGET_FLAGS else "give a positive number")
+        raise OmpqError(f"{flag} must be a positive finite number, got {value}; {fix}")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -108,14 +148,11 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.cli.common import build_for_cli, open_source
     from ompq_plugin.data import search_samples
     from ompq_plugin.hw_profiles import load_profile
-    from ompq_plugin.searcher import parse_pin, run_search
+    from ompq_plugin.searcher import run_search
 
-    for name in ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib", "samples",
-                 "hessian_images"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise OmpqError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    pins = dict(parse_pin(text) for text in args.pin)  # bad input fails before any work
+    check_positive(args, ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib",
+                          "samples", "hessian_images", "time_limit"))
+    choices = choice_options(args)  # bad pins fail before any work
     _check_outputs(args)
     profile = load_profile(args.profile)
     source = open_source(args)
@@ -136,17 +173,11 @@ def run(args: argparse.Namespace) -> int:
         beta=args.beta,
         method=args.method,
         act_weight=args.act_weight,
-        orm_form=args.orm_form,
-        importance_fn=args.importance,
-        pins=pins,
-        pin_first_last=not args.no_pin_first_last,
         model_name=spec.name,
         seed=args.seed,
-        allow_unsupported=args.allow_unsupported,
         time_limit_s=args.time_limit,
-        weight_bits=args.weight_bits,
-        act_bits=args.act_bits,
         labelled=labelled,
+        **choices,
         avg_weight_bits=args.avg_weight_bits,
         orm=args.orm_plot is not None,
         device=args.device,

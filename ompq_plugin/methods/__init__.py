@@ -23,7 +23,8 @@ DEFAULT_ACT_WEIGHT = 16.0
 HAWQ_IMAGES = 200  # labelled training images for the Hessian traces
 
 METHOD_HELP = {
-    "ompq-noise": "ORM importance x quantization error of each width (default)",
+    "ompq-noise": "the quantization error of each width, weighted by ORM importance (default; "
+    "at its default beta 0 every layer weighs the same and no ORM is computed)",
     "ompq": "the paper's Eq. 10 (linear in the bits: layers end at the ends of the range)",
     "uniform": "the widest uniform width that meets every budget (first/last layer included "
     "when their 8-bit pin would not fit)",

@@ -129,6 +129,8 @@ def pareto_front(
     :func:`ompq_plugin.searcher.run_search` (beta, pins, model_name, ...); ``time_limit_s``
     bounds each solve.
     """
+    if points < 2:  # before the search: it is the expensive part
+        raise OmpqError(f"a front needs at least 2 points, got {points}")
     hw = load_profile(profile) if isinstance(profile, str) else profile
     high_avg = avg_weight_bits[1] if avg_weight_bits is not None else None
     result = run_search(

@@ -137,6 +137,7 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
         ([], "no budget to sweep"),
         (["--avg-weight-bits", "8:3"], "the low end comes first"),
         (["--avg-weight-bits", "3:inf"], "positive and finite"),
+        (["--avg-weight-bits", "-1:8"], "positive and finite"),
         (["--bops-g", "1", "--time-limit", "0"], "--time-limit must be a positive finite"),
         (["--bops-g", "1", "--samples", "-1"], "--samples must be a positive finite"),
         (["--bops-g", "1", "--pin", "nope"], "NAME=W/A"),

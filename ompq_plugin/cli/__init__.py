@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import re
 import shlex
 import signal
 import sys
@@ -99,9 +100,24 @@ def _sub_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
     return parser
 
 
+_NEGATIVE_RANGE = re.compile(r"^-[\d.]+:")  # e.g. -1:8, which argparse takes for a flag
+
+
+def _attach_negative_ranges(argv: Sequence[str]) -> list[str]:
+    """``--flag -1:8`` -> ``--flag=-1:8``, so the flag's own check names the bad value instead
+    of argparse reporting a missing argument."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_RANGE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv``; an unknown flag is reported with the sub-command's own usage."""
-    args, extras = parser.parse_known_args(argv)
+    args, extras = parser.parse_known_args(_attach_negative_ranges(argv))
     if extras:
         sub = _sub_parser(parser, args.command)
         sub.error(unrecognized_message(sub, extras))

@@ -255,7 +255,7 @@ def _dominated(keys: list[tuple[float, int, int]], k: int) -> bool:
 def test_undominated_pairs_match_the_definition(finite_bops: bool) -> None:
     """A pair is dropped iff another is no worse in objective, memory and BOPs (BOPs only when
     that budget is finite) and strictly better in one of them or, on an exact tie, earlier."""
-    from ompq_plugin.allocate.problem import undominated_pairs
+    from ompq_plugin.allocate.pairs import undominated_pairs
 
     rng = random.Random(11)
     for _ in range(500):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ompq_plugin.allocate.feasibility import allowed_acts
-from ompq_plugin.allocate.problem import AllocationProblem, Prepared, undominated_pairs
+from ompq_plugin.allocate.pairs import undominated_pairs
+from ompq_plugin.allocate.problem import AllocationProblem, Prepared
 
 
 @dataclass

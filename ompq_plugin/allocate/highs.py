@@ -22,6 +22,7 @@ import highspy
 import numpy as np
 
 from ompq_plugin.allocate.feasibility import allowed_acts, jointly_infeasible
+from ompq_plugin.allocate.pairs import undominated_pairs
 from ompq_plugin.allocate.problem import (
     Allocation,
     AllocationProblem,
@@ -29,7 +30,6 @@ from ompq_plugin.allocate.problem import (
     budget_limits,
     checked_allocation,
     timeout_error,
-    undominated_pairs,
 )
 from ompq_plugin.errors import OmpqError
 

@@ -26,8 +26,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
 
@@ -351,39 +349,6 @@ def prepare(problem: AllocationProblem) -> Prepared:
         for g, acts in act_allowed.items()
     }
     return Prepared(groups, weight_allowed, act_allowed, wval, aval, excluded)
-
-
-def undominated_pairs(
-    pairs: list[tuple[int, int]], obj: list[float], lay: AllocationLayer, finite_bops: bool
-) -> list[tuple[int, int]]:
-    """Drop (w, a) pairs of a one-layer act group that another pair dominates.
-
-    Once the buffer budget has filtered the act choices, a pair only matters through its
-    objective ``obj`` (e.g. ``c*w + d*a``), memory ``params*w`` and BOPs ``macs*w*a``. A pair no
-    better in the objective and no cheaper in either resource than another can be dropped without
-    losing every optimum (exact ties keep the first pair). With the default ``d = c`` this
-    removes e.g. (8, 2) in favour of (2, 8): same objective and BOPs, less memory -- a symmetry
-    that otherwise leaves a MIP solver with a flat tree to close.
-    """
-    n = len(pairs)
-    if n < 2:
-        return list(pairs)
-    w = np.array([p[0] for p in pairs], dtype=np.int64)
-    o = np.array(obj, dtype=np.float64)
-    mem = lay.params * w
-    idx = np.arange(n)
-    if not finite_bops:  # two criteria: sorted by memory (ties: better objective, then earlier
-        # pair first), a pair survives when it beats the best objective before it
-        order = np.lexsort((idx, -o, mem))
-        ranked = o[order]
-        before = np.maximum.accumulate(np.concatenate(([-np.inf], ranked[:-1])))
-        return [pairs[k] for k in np.sort(order[ranked > before])]
-    a = np.array([p[1] for p in pairs], dtype=np.int64)
-    bops = lay.macs * w * a
-    # beats[j, k]: pair j dominates pair k (exact ties: the earlier pair stays)
-    beats = (o[:, None] >= o) & (mem[:, None] <= mem) & (bops[:, None] <= bops)
-    beats &= (o[:, None] > o) | (mem[:, None] < mem) | (bops[:, None] < bops) | (idx[:, None] < idx)
-    return [pairs[k] for k in np.flatnonzero(~beats.any(axis=0))]
 
 
 def timeout_error(time_limit_s: float) -> OmpqError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,13 @@ class ParetoFront:
     points: list[ParetoPoint]
     search: SearchResult  # the one search (ORM, importances) the sweep re-solved
     sweep_s: float  # every point of the sweep together (the search excluded)
+
+    def with_model_info(self, spec: Any) -> ParetoFront:
+        """A copy whose search BitConfig records the model's spec (input size, normalisation,
+        the weights file and its hash), as ``ompq search`` records it; every point's
+        BitConfig then carries it too."""
+        search = replace(self.search, config=self.search.config.with_model_info(spec))
+        return replace(self, search=search)
 
     def config_at(self, index: int, base: BitConfig | None = None) -> BitConfig:
         """Point ``index`` as a BitConfig (for ``quantize``): ``base`` (default: the search's
@@ -83,6 +90,8 @@ class ParetoFront:
                 "seed": config.seed,
                 "orm_form": config.orm_form,
                 "versions": config.versions,
+                "input": config.input.to_json() if config.input is not None else None,
+                "weights": asdict(config.weights) if config.weights is not None else None,
             },
             "sweep_s": self.sweep_s,
             "points": [

@@ -117,6 +117,7 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
     assert "the BOPs budget never binds" in captured.err  # ResNet-20 uses ~2.6 G at most
     front = json.loads(out.read_text())
     assert front["search"]["method"] == "ompq-noise" and front["search"]["samples"] == 16
+    assert front["search"]["weights"]["sha256"] and front["search"]["input"]["size"] == [3, 32, 32]
     assert [p["status"] for p in front["points"]] == ["optimal"] * 3
     for i, point in enumerate(front["points"]):
         config = BitConfig.load(bits / f"point_{i:03d}.json")

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         **choices,
-    )
-    _save(front, args, spec)
+    ).with_model_info(spec)
+    _save(front, args)
     if args.json:
         print(json.dumps(front.to_json(), indent=1))
     else:
@@ -158,7 +158,7 @@ def _check_bits_dir(path: str, points: int) -> None:
         raise OmpqError(f"--bits-dir {path} already holds {clash[0]}; give an empty or new folder")
 
 
-def _save(front: ParetoFront, args: argparse.Namespace, spec: Any) -> None:
+def _save(front: ParetoFront, args: argparse.Namespace) -> None:
     """The front JSON and, with --bits-dir, one BitConfig per point: all files appear, or
     none."""
     from pathlib import Path
@@ -169,8 +169,7 @@ def _save(front: ParetoFront, args: argparse.Namespace, spec: Any) -> None:
     configs = []
     if args.bits_dir is not None:
         Path(args.bits_dir).mkdir(parents=True, exist_ok=True)
-        base = front.search.config.with_model_info(spec)  # the weights' hash once
-        configs = [front.config_at(i, base) for i in range(len(front.points))]
+        configs = [front.config_at(i) for i in range(len(front.points))]
         paths += [str(Path(args.bits_dir) / f"point_{i:03d}.json") for i in range(len(configs))]
     with atomic_paths(*paths) as (front_tmp, *config_tmps):
         front.save(front_tmp)

@@ -38,7 +38,7 @@ def random_problem(rng: random.Random, scale: int = 1) -> AllocationProblem:
     """3-5 layers, some sharing an act group, 2-3 bit choices each, random budgets."""
     n = rng.randint(3, 5)
     groups = [f"g{rng.randint(0, n - 2)}" for _ in range(n)]
-    shared = {g: sorted(rng.sample([2, 4, 6, 8], rng.randint(2, 3))) for g in set(groups)}
+    shared = {g: sorted(rng.sample([2, 4, 6, 8], rng.randint(2, 3))) for g in sorted(set(groups))}
     layers = []
     for i in range(n):
         layers.append(

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ompq_plugin.allocate import ParetoPoint, budget_line, sweep
+from ompq_plugin.allocate import ParetoPoint, budget_line, sweep, usage
+from ompq_plugin.allocate.problem import prepare
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.errors import OmpqError
@@ -57,21 +58,30 @@ class ParetoFront:
         return replace(base, layers=layers, budgets=point.budgets)
 
     def slack_notes(self) -> list[str]:
-        """A line for each finite budget that no point reaches (its range is above all the
-        model can use there: a sweep along it changes nothing)."""
+        """A line for each finite budget the model cannot reach: even every layer at its widest
+        allowed width (pins kept) stays within the lowest budget of the line, so sweeping it
+        changes nothing. (A budget met with room to spare at the optimum may still bind: only
+        this certain case gets a note.)"""
+        problem = self.search.problem
+        if problem is None:
+            return []
+        prep = prepare(problem)
+        widest_w = {lay.name: max(prep.weight_allowed[i]) for i, lay in enumerate(problem.layers)}
+        widest_a = {lay.name: max(prep.act_allowed[lay.act_group]) for lay in problem.layers}
+        most = usage(problem, widest_w, widest_a)
         notes = []
-        for label, used, field_name, scale, unit in (
-            ("weight memory", "weight_memory_bits", "weight_memory_bits", KIB_BITS, "KiB"),
-            ("BOPs", "bops", "bops", 1e9, "G"),
-            ("activation buffer", "max_act_buffer_bits", "act_buffer_bits", KIB_BITS, "KiB"),
-        ):
+        for k, (label, field_name, scale, unit) in enumerate((
+            ("weight memory", "weight_memory_bits", KIB_BITS, "KiB"),
+            ("BOPs", "bops", 1e9, "G"),
+            ("activation buffer", "act_buffer_bits", KIB_BITS, "KiB"),
+        )):
             lowest = min(getattr(p.budgets, field_name) for p in self.points)
-            most = max(getattr(p.allocation, used) for p in self.points)
-            if math.isfinite(lowest) and most < lowest:
+            if math.isfinite(lowest) and most[k] <= lowest:
                 notes.append(
-                    f"the {label} budget never binds: every point uses at most "
-                    f"{most / scale:.4g} {unit}, below its lowest budget {lowest / scale:.4g} "
-                    f"{unit}; lower its range to trade {label} against accuracy"
+                    f"the {label} budget never binds: the most this model can use is "
+                    f"{most[k] / scale:.4g} {unit} (every layer at its widest allowed width), "
+                    f"within the lowest budget {lowest / scale:.4g} {unit}; lower its range to "
+                    f"trade {label} against accuracy"
                 )
         return notes
 

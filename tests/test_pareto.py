@@ -114,7 +114,7 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
             "-o", str(out), "--bits-dir", str(bits)]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "the BOPs budget never binds" in captured.err  # ResNet-20 uses ~2.6 G at most
+    assert "the BOPs budget never binds" in captured.err  # ResNet-20 can use 2.6 G at most
     front = json.loads(out.read_text())
     assert front["search"]["method"] == "ompq-noise" and front["search"]["samples"] == 16
     assert front["search"]["weights"]["sha256"] and front["search"]["input"]["size"] == [3, 32, 32]
@@ -129,7 +129,8 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
     # a folder already holding point files is refused before any work, nothing is written
     again = tmp_path / "again.json"
     assert main([*argv[:-4], "-o", str(again), "--bits-dir", str(bits)]) == 1
-    assert "already holds point_000.json" in capsys.readouterr().err and not again.exists()
+    assert "already holds point files (point_000.json" in capsys.readouterr().err
+    assert not again.exists()
 
 
 @pytest.mark.parametrize(
@@ -139,17 +140,39 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
         (["--avg-weight-bits", "8:3"], "the low end comes first"),
         (["--avg-weight-bits", "3:inf"], "positive and finite"),
         (["--avg-weight-bits", "-1:8"], "positive and finite"),
-        (["--bops-g", "1", "--time-limit", "0"], "--time-limit must be a positive finite"),
-        (["--bops-g", "1", "--samples", "-1"], "--samples must be a positive finite"),
-        (["--bops-g", "1", "--pin", "nope"], "NAME=W/A"),
+        (["--bops-g", "1:2", "--time-limit", "0"], "--time-limit must be a positive finite"),
+        (["--bops-g", "1:2", "--samples", "-1"], "--samples must be a positive number"),
+        (["--avg-weight-bits", "4"], "no budget to sweep"),
+        (["--avg-weight-bits", "4:4", "--bops-g", "2"], "no budget to sweep"),
+        (["--bops-g", "1:2", "--pin", "nope"], "NAME=W/A"),
     ],
 )
 def test_cli_pareto_refuses_bad_input_before_any_work(extra, message, tmp_path, capsys):
     from ompq_plugin.cli import main
 
     out = tmp_path / "front.json"
-    try:
-        code = main(["pareto", "--model", "resnet20", *extra, "-o", str(out)])
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    assert code in (1, 2) and message in capsys.readouterr().err and not out.exists()
+    code = main(["pareto", "--model", "resnet20", *extra, "-o", str(out)])
+    assert code == 1 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_pareto_notes_only_budgets_the_model_cannot_reach(data_dir, tmp_path, capsys):
+    """A fixed 4-bit memory budget binds (the optimum sits just under it): no note; a BOPs
+    range above what every layer at its widest uses gets one. A folder already holding an
+    older front's point file is refused."""
+    from ompq_plugin.cli import main
+
+    base = ["pareto", "--model", "resnet20", "--data", str(data_dir), "--samples", "16",
+            "--points", "3"]
+    out = tmp_path / "front.json"
+    assert main([*base, "--avg-weight-bits", "4", "--bops-g", "0.8:2.6", "-o", str(out)]) == 0
+    assert "never binds" not in capsys.readouterr().err
+    assert main([*base, "--avg-weight-bits", "3:6", "--bops-g", "20:80", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "the BOPs budget never binds" in err and "weight memory budget never" not in err
+    old = tmp_path / "points"
+    old.mkdir()
+    (old / "point_007.json").write_text("{}")
+    again = tmp_path / "again.json"
+    argv = [*base, "--bops-g", "1:2", "--bits-dir", str(old), "-o", str(again)]
+    assert main(argv) == 1 and "already holds point files" in capsys.readouterr().err
+    assert not again.exists() and sorted(p.name for p in old.iterdir()) == ["point_007.json"]

@@ -221,4 +221,4 @@ def test_cli_search_refuses_non_positive_or_infinite_numbers(extra, tmp_path, ca
     out = tmp_path / "bits.json"
     assert main(["search", "--model", "resnet20", *extra, "-o", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"{extra[0]} must be a positive finite number" in err and not out.exists()
+    assert f"{extra[0]} must be a positive" in err and not out.exists()

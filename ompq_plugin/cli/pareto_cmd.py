@@ -23,20 +23,18 @@ if TYPE_CHECKING:
     from ompq_plugin.pareto import ParetoFront
 
 
-def _span(text: str) -> tuple[float, float]:
+def _span(flag: str, text: str) -> tuple[float, float]:
     """``LO:HI`` (a swept budget) or ``X`` (fixed: both ends X), positive and finite."""
     try:
         parts = [float(x) for x in text.split(":")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give LO:HI or one number") from None
+        parts = []
     if len(parts) not in (1, 2) or not all(math.isfinite(x) and x > 0 for x in parts):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give LO:HI or one number, positive and finite (leave the flag out for "
-            "no limit)"
-        )
+        raise OmpqError(f"{flag} {text}: give LO:HI or one number, positive and finite, e.g. "
+                        f"{flag} 3:8 (leave {flag} out for no limit)")
     if parts[0] > parts[-1]:
-        raise argparse.ArgumentTypeError(f"{text!r}: the low end comes first, e.g. "
-                                         f"{parts[-1]:g}:{parts[0]:g}")
+        raise OmpqError(f"{flag} {text}: the low end comes first, e.g. {flag} "
+                        f"{parts[-1]:g}:{parts[0]:g}")
     return parts[0], parts[-1]
 
 
@@ -55,14 +53,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--profile", default="generic", help="profile name or .toml path")
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--avg-weight-bits", type=_span, metavar="LO:HI",
+    mem.add_argument("--avg-weight-bits", metavar="LO:HI",
                      help="average weight bits swept from LO to HI (or one fixed value)")
-    mem.add_argument("--weight-memory-kib", type=_span, metavar="LO:HI",
+    mem.add_argument("--weight-memory-kib", metavar="LO:HI",
                      help="weight memory in KiB swept from LO to HI (or one fixed value)")
-    p.add_argument("--bops-g", type=_span, metavar="LO:HI", help="BOPs in G (MACs x w x a)")
-    p.add_argument("--act-buffer-kib", type=_span, metavar="LO:HI",
+    p.add_argument("--bops-g", metavar="LO:HI",
+                   help="BOPs in G (MACs x w x a), swept from LO to HI (or one fixed value)")
+    p.add_argument("--act-buffer-kib", metavar="LO:HI",
                    help="largest activation buffer in KiB, swept from LO to HI (or fixed)")
-    p.add_argument("--points", type=int, default=100, help="budgets on the line")
+    p.add_argument("--points", type=int, default=100,
+                   help="budgets on the line, at least 2 (default %(default)s)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="allocation method (see `ompq search --help`)")
     add_sampling_options(p)
@@ -83,18 +83,24 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.pareto import pareto_front
 
     if args.points < 2:
-        raise OmpqError(f"--points must be at least 2, got {args.points}")
+        raise OmpqError(f"--points must be at least 2, got {args.points}; e.g. --points 100")
     if args.method == "hawq":
         raise OmpqError("ompq pareto does not run --method hawq (it needs labelled images); "
                         "use `ompq search --method hawq` per budget")
-    if all(getattr(args, name) is None for name in _SWEPT):
+    for name in _SWEPT:  # LO:HI text -> (lo, hi)
+        text = getattr(args, name)
+        if text is not None:
+            setattr(args, name, _span("--" + name.replace("_", "-"), text))
+    spans = [getattr(args, name) for name in _SWEPT if getattr(args, name) is not None]
+    if not any(lo < hi for lo, hi in spans):
         raise OmpqError("no budget to sweep; give --avg-weight-bits (or --weight-memory-kib), "
-                        "--bops-g or --act-buffer-kib as LO:HI")
+                        "--bops-g or --act-buffer-kib as a range LO:HI with LO < HI (one budget "
+                        "alone: `ompq search`)")
     check_positive(args, ("samples", "time_limit"))
     choices = choice_options(args)  # bad pins fail before any work
     check_writable(args.output)
     if args.bits_dir is not None:
-        _check_bits_dir(args.bits_dir, args.points)
+        _check_bits_dir(args.bits_dir)
     source = open_source(args)
     model, spec, _ = build_for_cli(args, args.model, source, weights=args.weights)
     samples = search_samples(source, spec, args.samples, seed=args.seed)
@@ -145,17 +151,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_bits_dir(path: str, points: int) -> None:
-    """--bits-dir is a folder (made if missing) that holds no point files yet."""
+def _check_bits_dir(path: str) -> None:
+    """--bits-dir is a folder (made if missing) holding no point file yet (an old front's
+    point_NNN.json beside the new ones would pass for part of it)."""
     from pathlib import Path
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise OmpqError(f"--bits-dir {path} is a file; give a folder")
-    clash = [f"point_{i:03d}.json" for i in range(points) if (folder / f"point_{i:03d}.json")
-             .exists()]
-    if clash:
-        raise OmpqError(f"--bits-dir {path} already holds {clash[0]}; give an empty or new folder")
+    old = sorted(folder.glob("point_*.json")) if folder.is_dir() else []
+    if old:
+        raise OmpqError(f"--bits-dir {path} already holds point files ({old[0].name}, ...); "
+                        "give a new folder or remove them")
 
 
 def _save(front: ParetoFront, args: argparse.Namespace) -> None:

@@ -35,7 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--weights", help="float checkpoint (default: the one the BitConfig records, "
                    "checked against its sha256; else the data folder's for a registry model)")
     add_weights_guard(p)
-    p.add_argument("--bits", required=True, help="BitConfig JSON from `ompq search`")
+    p.add_argument("--bits", required=True,
+                   help="BitConfig JSON from `ompq search` (or a point from "
+                   "`ompq pareto --bits-dir`)")
     p.add_argument("--profile", help="profile name or TOML path (default: the BitConfig's)")
     add_data_option(p)
     add_input_options(p)

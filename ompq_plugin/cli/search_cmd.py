@@ -103,7 +103,8 @@ def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
         flag = "--" + name.replace("_", "-")
         fix = (f"give a positive value, or leave {flag} out for no limit"
                if name in _BUDGET_FLAGS else "give a positive number")
-        raise OmpqError(f"{flag} must be a positive finite number, got {value}; {fix}")
+        kind = "positive number" if isinstance(value, int) else "positive finite number"
+        raise OmpqError(f"{flag} must be a {kind}, got {value}; {fix}")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -44,9 +44,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--calib", type=int, default=256, help="calibration images (training split)")
     # default PTQ recipe: the one bench/allocation.py measured best on its validation split
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
-                   help="correct each layer's bias for the mean quantization error")
+                   help="correct each layer's bias for the mean quantization error "
+                   "(default: on)")
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ weight rounding (slower, better)")
+                   help="GPTQ weight rounding (slower, better; default: on)")
     p.add_argument("-o", "--output", required=True, help="quantized model file to write")
     p.set_defaults(func=run_quantize)
 

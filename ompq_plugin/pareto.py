@@ -1,4 +1,4 @@
-"""Pareto front of one model on one target: one ORM measurement, then many budgets.
+"""Pareto front of one model on one target: one search, then many budgets.
 
 ``pareto_front`` runs the search once at the loosest budgets (features, importances, error
 tables, the integer program), then re-solves that same problem at every budget of a line from
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,10 +45,10 @@ class ParetoFront:
         search = replace(self.search, config=self.search.config.with_model_info(spec))
         return replace(self, search=search)
 
-    def config_at(self, index: int, base: BitConfig | None = None) -> BitConfig:
-        """Point ``index`` as a BitConfig (for ``quantize``): ``base`` (default: the search's
-        own BitConfig) with that point's bits and budgets."""
-        base = base if base is not None else self.search.config
+    def config_at(self, index: int) -> BitConfig:
+        """Point ``index`` as a BitConfig (for ``quantize``): the search's own BitConfig with
+        that point's bits and budgets."""
+        base = self.search.config
         point = self.points[index]
         bits = point.allocation
         layers = [
@@ -86,22 +86,18 @@ class ParetoFront:
         return notes
 
     def to_json(self) -> dict[str, Any]:
-        config = self.search.config
+        config = self.search.config.to_json()
         return {
             "model": self.model,
             "profile": self.profile,
             "total_params": self.total_params,
             "total_macs": self.total_macs,
-            "search": {  # how the one search behind every point was made
-                "method": config.method,
-                "beta": config.beta,
-                "act_weight": config.act_weight,
-                "samples": config.samples,
-                "seed": config.seed,
-                "orm_form": config.orm_form,
-                "versions": config.versions,
-                "input": config.input.to_json() if config.input is not None else None,
-                "weights": asdict(config.weights) if config.weights is not None else None,
+            "search": {  # how the one search behind every point was made (BitConfig fields)
+                key: config[key]
+                for key in (
+                    "method", "beta", "act_weight", "samples", "seed", "orm_form", "versions",
+                    "input", "weights",
+                )
             },
             "sweep_s": self.sweep_s,
             "points": [

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.cli.common import add_model_options
 from ompq_plugin.cli.search_cmd import (
+    BUDGET_FLAGS,
     add_choice_options,
     add_sampling_options,
     check_positive,
@@ -36,9 +37,6 @@ def _span(flag: str, text: str) -> tuple[float, float]:
         raise OmpqError(f"{flag} {text}: the low end comes first, e.g. {flag} "
                         f"{parts[-1]:g}:{parts[0]:g}")
     return parts[0], parts[-1]
-
-
-_SWEPT = ("avg_weight_bits", "weight_memory_kib", "bops_g", "act_buffer_kib")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "hawq":
         raise OmpqError("ompq pareto does not run --method hawq (it needs labelled images); "
                         "use `ompq search --method hawq` per budget")
-    for name in _SWEPT:  # LO:HI text -> (lo, hi)
+    for name in BUDGET_FLAGS:  # LO:HI text -> (lo, hi)
         text = getattr(args, name)
         if text is not None:
             setattr(args, name, _span("--" + name.replace("_", "-"), text))
-    spans = [getattr(args, name) for name in _SWEPT if getattr(args, name) is not None]
+    spans = [getattr(args, name) for name in BUDGET_FLAGS if getattr(args, name) is not None]
     if not any(lo < hi for lo, hi in spans):
         raise OmpqError("no budget to sweep; give --avg-weight-bits (or --weight-memory-kib), "
                         "--bops-g or --act-buffer-kib as a range LO:HI with LO < HI (one budget "

@@ -90,7 +90,8 @@ def choice_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-_BUDGET_FLAGS = frozenset({"weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib"})
+# the budget flags of `ompq search` and `ompq pareto` (argparse dests)
+BUDGET_FLAGS = ("avg_weight_bits", "weight_memory_kib", "bops_g", "act_buffer_kib")
 
 
 def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -102,7 +103,7 @@ def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         fix = (f"give a positive value, or leave {flag} out for no limit"
-               if name in _BUDGET_FLAGS else "give a positive number")
+               if name in BUDGET_FLAGS else "give a positive number")
         kind = "positive number" if isinstance(value, int) else "positive finite number"
         raise OmpqError(f"{flag} must be a {kind}, got {value}; {fix}")
 
@@ -151,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.searcher import run_search
 
-    check_positive(args, ("weight_memory_kib", "avg_weight_bits", "bops_g", "act_buffer_kib",
-                          "samples", "hessian_images", "time_limit"))
+    check_positive(args, (*BUDGET_FLAGS, "samples", "hessian_images", "time_limit"))
     choices = choice_options(args)  # bad pins fail before any work
     _check_outputs(args)
     profile = load_profile(args.profile)

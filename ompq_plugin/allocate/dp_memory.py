@@ -33,6 +33,7 @@ from functools import reduce
 import numpy as np
 
 from ompq_plugin.allocate.dp_bounds import Step, _bracket, _golden
+from ompq_plugin.allocate.pairs import frontier
 
 _MAX_UNITS = 1 << 16  # memory units per table row (a larger gcd-exact count is coarsened)
 _MAX_CELLS = 1 << 23  # numbers in all the tables together (64 MiB)
@@ -149,14 +150,12 @@ def _add_item(
     option's row is in ``src``; rows counted from ``dst_lo`` and ``src_lo``), over the options
     that no option with at most their units and at least their value precedes (the others
     never give the max); ``tmp``: a scratch buffer at least as long as ``dst``."""
-    frontier: list[tuple[int, float]] = []
-    for u, v in sorted(zip(units.tolist(), red.tolist(), strict=True), key=lambda o: (o[0], -o[1])):
-        if not frontier or v > frontier[-1][1]:
-            frontier.append((u, v))
+    costs, values = units.tolist(), red.tolist()
+    options = [(costs[k], values[k]) for k in frontier(costs, values)]
     nd, ns = len(dst), len(src)
-    if not frontier:
+    if not options:
         dst.fill(-np.inf)
-    for i, (u, v) in enumerate(frontier):
+    for i, (u, v) in enumerate(options):
         start = max(src_lo + u - dst_lo, 0)  # dst's first row this option reaches
         end = min(nd, ns + src_lo + u - dst_lo)
         if i == 0:  # the fewest units: only it reaches the lowest rows

@@ -26,6 +26,7 @@ from functools import reduce
 
 import numpy as np
 
+from ompq_plugin.allocate.pairs import frontier
 from ompq_plugin.allocate.problem import AllocationProblem, Prepared, budget_limits
 
 _MAX_OPTIONS = 64  # weight-width combinations of one act group (two layers of 7 widths: 49)
@@ -68,14 +69,9 @@ def _group_options(
             prep.wval[i][w] for w, i in zip(ws, members, strict=True)
         )
         out.append((memory, value, best_a, ws))
-    out.sort(key=lambda o: (o[0], -o[1]))
     # only the options no cheaper one matches in value (the rest never pay: a group of four
     # layers keeps tens of its 2,401 combinations)
-    frontier = []
-    for option in out:
-        if not frontier or option[1] > frontier[-1][1]:
-            frontier.append(option)
-    return frontier
+    return [out[k] for k in frontier([o[0] for o in out], [o[1] for o in out])]
 
 
 def solve_memory_knapsack(

@@ -1,6 +1,9 @@
-"""Drop the (w, a) pairs of a one-layer act group that another pair dominates.
+"""Options another option dominates, dropped: (w, a) pairs of a one-layer act group, and options
+with one cost and one value.
 
-Contract: :func:`undominated_pairs` returns a sub-list of ``pairs`` (in their order) that still
+Contract: :func:`frontier` returns the options no cheaper-or-equal option matches in value
+(cheapest first; the knapsack's group options, the knapsack bound's items).
+:func:`undominated_pairs` returns a sub-list of ``pairs`` (in their order) that still
 holds an optimum of every problem the layer can be part of: a pair is dropped only when another
 pair is at least as good in the objective and no dearer in weight memory and (when BOPs are
 budgeted) in BOPs; of exact ties the first pair stays. Used by the DP's steps and HiGHS's
@@ -9,9 +12,22 @@ formulation (tested against the definition in ``tests/test_allocate.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ompq_plugin.allocate.problem import AllocationLayer
+
+
+def frontier(costs: Sequence[int], values: Sequence[float]) -> list[int]:
+    """Indices of the options better in value than every option cheaper than them, cheapest
+    first (of equal cost and value, the first given): the rest never give a maximum."""
+    order = sorted(range(len(costs)), key=lambda k: (costs[k], -values[k]))
+    out: list[int] = []
+    for k in order:
+        if not out or values[k] > values[out[-1]]:
+            out.append(k)
+    return out
 
 
 def undominated_pairs(

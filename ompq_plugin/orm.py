@@ -40,11 +40,11 @@ def gram(features: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def center(g: torch.Tensor) -> torch.Tensor:
-    """Double-centre a Gram matrix: H G H with H = I - 11^T / N."""
+    """Double-centre a Gram matrix: H G H with H = I - 11^T / N (each of a stack of them)."""
     g = g.to(torch.float64)
-    row_mean = g.mean(dim=0, keepdim=True)
-    col_mean = g.mean(dim=1, keepdim=True)
-    return g - row_mean - col_mean + g.mean()
+    row_mean = g.mean(dim=-2, keepdim=True)
+    col_mean = g.mean(dim=-1, keepdim=True)
+    return g - row_mean - col_mean + g.mean(dim=(-2, -1), keepdim=True)
 
 
 def _prepare(g: torch.Tensor, form: OrmForm) -> torch.Tensor:
@@ -70,13 +70,7 @@ def orm(y: Features, z: Features, form: OrmForm = "centred") -> float:
 def _flat_prepared(grams: list[torch.Tensor], form: OrmForm) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, norms): every Gram prepared as ``form`` says (all at once), flattened to a row of
     an L x N^2 float64 matrix, and each row's Frobenius norm."""
-    if form not in ORM_FORMS:
-        raise ValueError(f"unknown ORM form {form!r}; choose one of {ORM_FORMS}")
-    g = torch.stack([x.to(torch.float64) for x in grams])
-    if form == "centred":  # H G H, as :func:`center`, on the whole stack
-        g = g - g.mean(dim=1, keepdim=True) - g.mean(dim=2, keepdim=True) + g.mean(
-            dim=(1, 2), keepdim=True
-        )
+    g = _prepare(torch.stack([x.to(torch.float64) for x in grams]), form)
     rows = g.reshape(len(grams), -1)
     return rows, torch.linalg.norm(rows, dim=1)
 

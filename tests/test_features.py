@@ -1,5 +1,6 @@
 """Streaming features into Grams: same numbers as materialising every feature."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,18 @@ def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch):
     assert features.centred_gram(torch.zeros(3, 4))[1]
     assert not features.centred_gram(torch.ones(3, 4))[1]  # constant, not zero
     assert not features.centred_gram(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))[1]  # zero mean
+
+
+@pytest.mark.parametrize("floor", [0, 1 << 30])  # oneDNN's convolution, numpy's product
+@pytest.mark.parametrize("n", [2, 7, 8])  # the halves differ in size when N is odd
+def test_float32_gram_is_the_symmetric_product_either_way(monkeypatch, floor, n):
+    torch.manual_seed(n)
+    block = torch.randn(n, 300)
+    monkeypatch.setattr(features, "_ONEDNN_MIN_ELEMENTS", floor)
+    g = features._float32_gram(block)
+    exact = block.double() @ block.double().T
+    assert g.dtype == np.float64 and (g == g.T).all()
+    np.testing.assert_allclose(g, exact.numpy(), rtol=1e-5, atol=1e-4)
 
 
 def test_all_zero_feature_names_the_layer_with_centred_grams():

@@ -39,8 +39,12 @@ from ompq_plugin.methods import act_stats
 # Columns of a feature converted to float64 at a time: bounds the float64 copy to ~64 MiB.
 _CHUNK_ELEMENTS = 1 << 23
 _ONEDNN = torch.backends.mkldnn.is_available()
-# The smallest block whose Gram oneDNN forms faster than numpy (64 x 8192, 32 x 16384; measured)
+# Where oneDNN forms a block's Gram faster than numpy (measured, bench/gram_kernels.py): from
+# 64 x 8192 or 32 x 16384 elements, from 24 rows, and up to 2^17 columns: past 393,216 columns
+# its product fell off a cliff (60x slower, 1e-4 relative error)
 _ONEDNN_MIN_ELEMENTS = 1 << 19
+_ONEDNN_MIN_ROWS = 24
+_ONEDNN_MAX_COLUMNS = 1 << 17
 
 
 @dataclass
@@ -112,8 +116,8 @@ def centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
     Returns ``(gram, all_zero)``, ``all_zero`` telling whether the raw features were all zero
     (the centred Gram alone cannot tell zero from constant features). Columns are centred a
-    bounded slice at a time (the centred copy stays under ~32 MiB); each slice's product is
-    :func:`_float32_gram`.
+    bounded slice at a time (the centred copy stays under ~32 MiB, at most 2^17 columns); each
+    slice's product is :func:`_float32_gram`.
     """
     y = features.detach().reshape(features.shape[0], -1)
     if y.dtype != torch.float32:
@@ -124,7 +128,7 @@ def centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return (y @ y.T).double().cpu(), all_zero
     y = y.numpy()  # numpy's column means: ~1.8x faster than torch's for these shapes
     n, d = y.shape
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    step = max(1, min(_CHUNK_ELEMENTS // max(n, 1), _ONEDNN_MAX_COLUMNS))
     g = np.zeros((n, n), dtype=np.float64)
     all_zero = True
     for start in range(0, d, step):
@@ -144,11 +148,12 @@ def _float32_gram(block: torch.Tensor) -> np.ndarray:
     than numpy's symmetric rank-k update (OpenBLAS) on the shapes of ResNet-20/-56, MobileNetV2
     and ResNet-50 features, single-threaded, with the same float32 accuracy
     (``bench/gram_kernels.py``). The rows are split in two halves so that the product skips one
-    off-diagonal quarter, which the symmetry fills in. Elsewhere, and for blocks under
-    ``_ONEDNN_MIN_ELEMENTS`` (where two calls cost more than they save), numpy's rank-k update.
+    off-diagonal quarter, which the symmetry fills in. Elsewhere, and outside the block sizes
+    where oneDNN was measured faster (``_ONEDNN_*``), numpy's rank-k update.
     """
     n, d = block.shape
-    if not _ONEDNN or n < 2 or n * d < _ONEDNN_MIN_ELEMENTS:
+    if (not _ONEDNN or n < max(2, _ONEDNN_MIN_ROWS) or n * d < _ONEDNN_MIN_ELEMENTS
+            or d > _ONEDNN_MAX_COLUMNS):
         b = block.numpy()
         return (b @ b.T).astype(np.float64)
     h = n // 2

@@ -100,17 +100,25 @@ def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch):
     g, all_zero = features.centred_gram(y)
     assert g.dtype == torch.float64 and not all_zero
     torch.testing.assert_close(g, flat @ flat.T, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(features, "_ONEDNN_MAX_COLUMNS", 50)  # slices of 50 columns, not 1e5
+    sizes = []
+    real = features._float32_gram
+    monkeypatch.setattr(features, "_float32_gram", lambda b: sizes.append(b.shape[1]) or real(b))
+    torch.testing.assert_close(features.centred_gram(y)[0], flat @ flat.T, rtol=1e-5, atol=1e-5)
+    assert sizes == [50, 50, 50, 30]
     assert features.centred_gram(torch.zeros(3, 4))[1]
     assert not features.centred_gram(torch.ones(3, 4))[1]  # constant, not zero
     assert not features.centred_gram(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))[1]  # zero mean
 
 
-@pytest.mark.parametrize("floor", [0, 1 << 30])  # oneDNN's convolution, numpy's product
+@pytest.mark.parametrize("onednn", [True, False])  # oneDNN's convolution, numpy's product
 @pytest.mark.parametrize("n", [2, 7, 8])  # the halves differ in size when N is odd
-def test_float32_gram_is_the_symmetric_product_either_way(monkeypatch, floor, n):
+def test_float32_gram_is_the_symmetric_product_either_way(monkeypatch, onednn, n):
     torch.manual_seed(n)
     block = torch.randn(n, 300)
-    monkeypatch.setattr(features, "_ONEDNN_MIN_ELEMENTS", floor)
+    monkeypatch.setattr(features, "_ONEDNN_MIN_ELEMENTS", 0 if onednn else 1 << 40)
+    monkeypatch.setattr(features, "_ONEDNN_MIN_ROWS", 2)
     g = features._float32_gram(block)
     exact = block.double() @ block.double().T
     assert g.dtype == np.float64 and (g == g.T).all()

@@ -47,7 +47,6 @@ def _bits(name: str, model: torch.nn.Module, samples: torch.Tensor, profile_name
         return uniform_bitconfig(model, samples, int(name[1]), 8, "resnet20", profile_name)
     from ompq_plugin.hw_profiles.profile import BitChoices
 
-    from ompq_plugin.budgets import Budgets
     from ompq_plugin.searcher import search
 
     avg = {"avg4": 4, "avg3": 3, "avg4_w3": 4}[name]
@@ -56,10 +55,8 @@ def _bits(name: str, model: torch.nn.Module, samples: torch.Tensor, profile_name
     if name.endswith("_w3"):
         weights = tuple(w for w in weights if w >= 3)
     profile = replace(profile, default_bits=BitChoices(weights, (8,)), kind_bits={})
-    params = sum(m.weight.numel() for m in model.modules()
-                 if isinstance(m, torch.nn.Conv2d | torch.nn.Linear))
-    return search(model, samples, profile, Budgets(weight_memory_bits=params * avg),
-                  model_name="resnet20")
+    # the average over the model's own layers; the fixed shortcut convs come on top
+    return search(model, samples, profile, avg_weight_bits=avg, model_name="resnet20")
 
 
 def main() -> int:

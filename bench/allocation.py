@@ -40,6 +40,7 @@ from ompq_plugin.hw_profiles import load_profile  # noqa: E402
 from ompq_plugin.budgets import Budgets  # noqa: E402
 from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise  # noqa: E402
 from ompq_plugin.fileio import write_text_atomic  # noqa: E402
+from ompq_plugin.fixed_layers import fixed_layers  # noqa: E402
 from ompq_plugin.layers import discover_layers  # noqa: E402
 from ompq_plugin.methods import (  # noqa: E402
     DEFAULT_ACT_WEIGHT,
@@ -138,10 +139,14 @@ def budget_of(name: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[Budge
     """(budgets, act widths of the free layers)."""
     found = discover_layers(model, x[:1])
     params = sum(lay.params for lay in found.layers)
+    # the frozen shortcut convs `quantize` adds count too (ompq_plugin.fixed_layers): at their
+    # fixed weight width, and in the BOPs budget at the free layers' act width
+    fixed = fixed_layers(model, found)
     if name.startswith("avg"):
-        return Budgets(weight_memory_bits=float(name[3:]) * params), [8]
+        return Budgets(weight_memory_bits=float(name[3:]) * params + fixed.weight_memory_bits), [8]
     ends = {found.layers[0].name, found.layers[-1].name}
     bops = sum(lay.macs * (64 if lay.name in ends else BOPS_W * BOPS_A) for lay in found.layers)
+    bops += sum(f.macs * f.weight_bits * BOPS_A for f in fixed.layers)
     return Budgets(bops=float(bops)), [4, 5, 6, 7, 8]
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from architectures import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gram_kernels.json"

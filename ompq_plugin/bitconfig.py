@@ -16,6 +16,7 @@ from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import write_text_atomic
 
 SCHEMA_VERSION = 1
+FIXED_KIND = "fixed"  # LayerBits.kind of a layer ``quantize`` adds (see ompq_plugin.fixed_layers)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ class BitConfig:
     schema_version: int = SCHEMA_VERSION
     input: InputRecord | None = None  # size and normalisation the search used
     weights: WeightsRecord | None = None  # None: the search ran on random weights
+    # layers ``quantize`` adds (frozen shortcut convolutions, kind "fixed"): not the model's,
+    # not chosen, but in the totals, as they are in the exported file
+    fixed_layers: list[LayerBits] = field(default_factory=list)
 
     def with_model_info(self, spec: Any) -> BitConfig:
         """A copy recording a built model's spec (:class:`~ompq_plugin.models.ModelSpec`): its
@@ -138,15 +142,18 @@ class BitConfig:
 
     @property
     def totals(self) -> Totals:
-        return Totals.of(self.layers)
+        """Memory, BOPs and buffer of every layer the quantized model has (fixed ones too)."""
+        return Totals.of([*self.layers, *self.fixed_layers])
 
     @property
     def total_params(self) -> int:
+        """Weights of the model's own layers (the fixed layers' are not counted)."""
         return sum(lb.params for lb in self.layers)
 
     @property
     def average_weight_bits(self) -> float:
-        return self.totals.weight_memory_bits / max(self.total_params, 1)
+        """Average weight width of the model's own layers."""
+        return sum(lb.weight_memory_bits for lb in self.layers) / max(self.total_params, 1)
 
     def layer(self, name: str) -> LayerBits:
         for lb in self.layers:
@@ -171,6 +178,7 @@ class BitConfig:
             "seed": self.seed,
             "orm_form": self.orm_form,
             "layers": [asdict(lb) for lb in self.layers],
+            "fixed_layers": [asdict(lb) for lb in self.fixed_layers],
             "totals": totals,
             "budgets": self.budgets.to_json(),
             "timings": self.timings,
@@ -195,6 +203,7 @@ class BitConfig:
                     f"{SCHEMA_VERSION}); re-run `ompq search` to regenerate it"
                 )
             layers = [LayerBits(**lb) for lb in data["layers"]]
+            fixed = [LayerBits(**lb) for lb in data.get("fixed_layers", [])]
             config = cls(
                 model=str(data["model"]),
                 profile=str(data["profile"]),
@@ -210,6 +219,7 @@ class BitConfig:
                 versions=dict(data.get("versions", {})),
                 input=InputRecord.from_json(data["input"]) if data.get("input") else None,
                 weights=WeightsRecord(**data["weights"]) if data.get("weights") else None,
+                fixed_layers=fixed,
             )
         except OmpqError:
             raise
@@ -218,7 +228,7 @@ class BitConfig:
                 f"{source} is not a valid BitConfig ({type(exc).__name__}: {exc}); "
                 "re-run `ompq search` to regenerate it"
             ) from None
-        for lb in layers:
+        for lb in [*layers, *fixed]:
             for attr in ("weight_bits", "act_bits"):
                 bits = getattr(lb, attr)
                 if not isinstance(bits, int) or not 1 <= bits <= 32:

@@ -207,7 +207,7 @@ def discover_layers(
         for name, _, _, _ in records:
             node = nodes[name]
             features[name] = _feature_node(node, modules).name
-            groups[name] = _group_name(_input_point(node.args[0], modules))
+            groups[name] = _group_name(input_point(node.args[0], modules))
         groups = _merge_residual_groups(graph, modules, groups)
     else:
         for name, _, _, _ in records:
@@ -365,7 +365,7 @@ def _feature_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.f
     return node
 
 
-def _input_point(arg: object, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
+def input_point(arg: object, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
     node = arg if isinstance(arg, torch.fx.Node) else None
     while node is not None and _is_op(
         node, modules, _TRANSPARENT_TYPES, _TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS
@@ -400,7 +400,7 @@ def _merge_residual_groups(
         if not _is_op(node, modules, (), _ADD_FUNCTIONS, _ADD_METHODS):
             continue
         inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-        names = {_group_name(_input_point(a, modules)) for a in inputs}
+        names = {_group_name(input_point(a, modules)) for a in inputs}
         roots = sorted({find(n) for n in names if n in parent})
         for other in roots[1:]:
             parent[other] = roots[0]

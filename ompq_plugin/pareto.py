@@ -45,17 +45,25 @@ class ParetoFront:
         search = replace(self.search, config=self.search.config.with_model_info(spec))
         return replace(self, search=search)
 
+    def average_weight_bits(self, point: ParetoPoint) -> float:
+        """The point's average weight width over the model's own layers (its memory also
+        counts the fixed layers ``quantize`` adds, as ``BitConfig.totals`` does)."""
+        bits = point.allocation.weight_bits
+        memory = sum(lb.params * bits[lb.name] for lb in self.search.config.layers)
+        return memory / max(self.total_params, 1)
+
     def config_at(self, index: int) -> BitConfig:
         """Point ``index`` as a BitConfig (for ``quantize``): the search's own BitConfig with
         that point's bits and budgets."""
         base = self.search.config
         point = self.points[index]
         bits = point.allocation
-        layers = [
-            replace(lb, weight_bits=bits.weight_bits[lb.name], act_bits=bits.act_bits[lb.name])
-            for lb in base.layers
-        ]
-        return replace(base, layers=layers, budgets=point.budgets)
+        layers, fixed = (
+            [replace(lb, weight_bits=bits.weight_bits[lb.name], act_bits=bits.act_bits[lb.name])
+             for lb in group]
+            for group in (base.layers, base.fixed_layers)
+        )
+        return replace(base, layers=layers, fixed_layers=fixed, budgets=point.budgets)
 
     def slack_notes(self) -> list[str]:
         """A line for each finite budget the model cannot reach: even every layer at its widest
@@ -105,7 +113,7 @@ class ParetoFront:
                     "budgets": p.budgets.to_json(),
                     "objective": p.allocation.objective,
                     "weight_memory_bits": p.allocation.weight_memory_bits,
-                    "avg_weight_bits": p.allocation.weight_memory_bits / max(self.total_params, 1),
+                    "avg_weight_bits": self.average_weight_bits(p),
                     "bops": p.allocation.bops,
                     "max_act_buffer_bits": p.allocation.max_act_buffer_bits,
                     "status": p.allocation.status,
@@ -161,8 +169,9 @@ def pareto_front(
         raise OmpqError("internal error: the search returned no problem to sweep")
     if avg_weight_bits is not None:
         params = result.layers.total_params
-        low = replace(low, weight_memory_bits=avg_weight_bits[0] * params)
-        high = replace(high, weight_memory_bits=avg_weight_bits[1] * params)
+        fixed = sum(lb.weight_memory_bits for lb in result.config.fixed_layers)  # as the search
+        low = replace(low, weight_memory_bits=avg_weight_bits[0] * params + fixed)
+        high = replace(high, weight_memory_bits=avg_weight_bits[1] * params + fixed)
     line = budget_line(hw.budgets.merged(low), hw.budgets.merged(high), points)
     start = time.perf_counter()
     front = sweep(result.problem, line, time_limit_s)

@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.errors import OmpqError
+from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS
 from ompq_plugin.graph_ops import (
     FLOAT_MODULES,
     dequant,
@@ -66,8 +67,6 @@ from ompq_plugin.quant_graph import (  # noqa: F401 - FOLDABLE_NORMS, SUPPORTED_
     unique_name,
 )
 from ompq_plugin.rounding import TieOffset, half_up
-
-SHORTCUT_WEIGHT_BITS = 2  # 0/1 weights are exact at any width >= 2 (narrow range, scale 1)
 
 # Tensor methods a Brevitas QuantTensor has; any other method gets a plain tensor (see _dequant).
 _QUANT_TENSOR_METHODS = {
@@ -449,11 +448,20 @@ def uniform_bitconfig(
     model_name: str = "model",
     profile_name: str = "generic",
 ) -> BitConfig:
-    """A BitConfig with the same bits for every layer the layer discovery finds."""
-    from ompq_plugin.bitconfig import LayerBits
+    """A BitConfig with the same bits for every layer the layer discovery finds (and the fixed
+    shortcut convolutions :func:`quantize` adds, see :mod:`ompq_plugin.fixed_layers`)."""
+    from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
+    from ompq_plugin.fixed_layers import fixed_layers
     from ompq_plugin.layers import discover_layers
 
     found = discover_layers(model, example_input[:1])
+    groups = {li.name: li.act_group for li in found.layers}
+    fixed = [
+        LayerBits(name=f.name, kind=FIXED_KIND, weight_bits=f.weight_bits, act_bits=act_bits,
+                  params=f.params, macs=f.macs, input_numel=f.input_numel,
+                  act_group=groups[f.reader])
+        for f in fixed_layers(model, found).layers
+    ]
     layers = [
         LayerBits(
             name=li.name,
@@ -467,4 +475,5 @@ def uniform_bitconfig(
         )
         for li in found.layers
     ]
-    return BitConfig(model=model_name, profile=profile_name, method="uniform", layers=layers)
+    return BitConfig(model=model_name, profile=profile_name, method="uniform", layers=layers,
+                     fixed_layers=fixed)

@@ -54,6 +54,14 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
 
     float_kib = config.total_params * 32 / KIB_BITS
     used_kib = max(t.weight_memory_bits, 1) / KIB_BITS
+    fixed = config.fixed_layers
+    extra = [(
+        "in the totals: layers `quantize` adds",
+        f"{', '.join(lb.name for lb in fixed)} ({fixed[0].weight_bits}-bit 0/1 weights: "
+        f"{sum(lb.weight_memory_bits for lb in fixed) / KIB_BITS:.2f} KiB, "
+        f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs)",
+        "",
+    )] if fixed else []
     return [
         (
             "weight memory (KiB)",
@@ -67,6 +75,7 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
             f"{t.max_act_buffer_bits / KIB_BITS:.2f}",
             limit(b.act_buffer_bits, KIB_BITS, "{:.2f}"),
         ),
+        *extra,
     ]
 
 

@@ -20,18 +20,19 @@ from torch import nn
 
 from ompq_plugin import __version__
 from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem, solve
-from ompq_plugin.bitconfig import BitConfig, LayerBits
+from ompq_plugin.bitconfig import FIXED_KIND, BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.device import on_device, resolve_device
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.features import WidthsFor, discover_and_stream
+from ompq_plugin.fixed_layers import fixed_layers
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
 from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers, layer_kind
 from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS
 from ompq_plugin.methods import METHODS as _METHODS
-from ompq_plugin.methods.build import build_problem, solve_uniform
+from ompq_plugin.methods.build import build_problem, solve_uniform, with_fixed_layers
 from ompq_plugin.methods.objectives import range_ends
 from ompq_plugin.orm import ORM_FORMS, OrmForm, orm_matrix, uninformative
 
@@ -106,7 +107,8 @@ def run_search(
     (images, labels) feeds ``hawq``'s Hessian (200 training images are the reference setting);
     ``seed`` drives ``random``. ``act_weight`` scales ``ompq-noise``'s activation errors
     against its weight errors. ``avg_weight_bits`` sets the weight memory budget as average
-    bits over the quantized layers (counted by the search's own layer discovery).
+    bits over the model's quantized layers (counted by the search's own layer discovery), plus
+    the memory of the fixed layers ``quantize`` adds (:mod:`ompq_plugin.fixed_layers`).
 
     The ORM matrix (Grams of every layer's features) is computed only when it matters: for the
     ORM methods unless theta is identically 1 (``exp`` importance at beta 0, the default of
@@ -174,10 +176,12 @@ def run_search(
             found = discover_layers(model, samples[:1])
         if not allow_unsupported:
             found.require_supported()
+        fixed = fixed_layers(model, found)
         if avg_weight_bits is not None:
             if not avg_weight_bits > 0:
                 raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
-            limits = limits.merged(Budgets(weight_memory_bits=avg_weight_bits * found.total_params))
+            memory = avg_weight_bits * found.total_params + fixed.weight_memory_bits
+            limits = limits.merged(Budgets(weight_memory_bits=memory))
         pin_map = _pins(found, hw, pins or {}, pin_first_last)
         alloc_layers = tuple(
             _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
@@ -208,6 +212,13 @@ def run_search(
             theta=theta, act_errors=stats.errors if stats is not None else {},
             labelled=labelled, seed=seed, timings=timings, act_weight=act_weight, samples=samples,
         )
+        for name in fixed.uncounted:
+            warnings.warn(
+                f"{name}: `ompq quantize` turns this shortcut into a 1x1 convolution that no "
+                "budget counts (no quantized layer reads its input)",
+                stacklevel=2,
+            )
+        problem = with_fixed_layers(problem, fixed.layers)
         if method == "uniform":
             default_pins = {found.names[0], found.names[-1]} if pin_first_last else set()
             soft = frozenset(default_pins - set(pins or {}))
@@ -215,6 +226,7 @@ def run_search(
         else:
             allocation = solve(problem, time_limit_s=time_limit_s)
         timings["solve_s"] = allocation.solve_s
+        group_of = {lay.name: lay.act_group for lay in problem.layers}
         timings["total_s"] = time.perf_counter() - start_all
 
         config = BitConfig(
@@ -235,6 +247,19 @@ def run_search(
                     gamma=gamma.get(i),
                 )
                 for i, layer in enumerate(found.layers)
+            ],
+            fixed_layers=[
+                LayerBits(
+                    name=extra.name,
+                    kind=FIXED_KIND,
+                    weight_bits=allocation.weight_bits[extra.name],
+                    act_bits=allocation.act_bits[extra.name],
+                    params=extra.params,
+                    macs=extra.macs,
+                    input_numel=extra.input_numel,
+                    act_group=group_of[extra.name],
+                )
+                for extra in fixed.layers
             ],
             budgets=limits,
             beta=beta if method in ORM_METHODS else None,

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from ompq_plugin.exporters import export_qcdq, export_qonnx
+from ompq_plugin.exporters import export_qcdq, export_qonnx, inspect_onnx
 from ompq_plugin.exporters import verify as V
 from ompq_plugin.exporters.qonnx_verify import verify_qonnx
 from torch import nn
@@ -218,6 +218,22 @@ def test_resnet20_export(resnet20_q, images, tmp_path, fmt):
     read = report.bits
     for lb in bc.layers:
         assert read[lb.name] == (lb.weight_bits, lb.act_bits), lb.name
+    # the file's own layers, read back by `ompq inspect`: the model's and the two frozen
+    # shortcut convs `quantize` adds, which the BitConfig counts in its totals
+    assert [lb.name for lb in bc.fixed_layers] == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    # (and, in the QONNX file for hls4ml, the global average pool as a 64-channel 8x8 depthwise
+    # conv)
+    rows = {r.name: r for r in inspect_onnx(tmp_path / "r20.onnx").layers}
+    configured = {lb.name for lb in [*bc.layers, *bc.fixed_layers]}
+    assert configured <= set(rows)
+    pools = [r.params for name, r in rows.items() if name not in configured]
+    assert pools == ([64 * 8 * 8] if fmt == "qonnx" else [])
+    for lb in bc.fixed_layers:
+        r = rows[lb.name]
+        assert (r.weight_bits, r.act_bits, r.params) == (lb.weight_bits, lb.act_bits, lb.params)
+        if fmt == "qonnx":  # the QCDQ file's batch is dynamic: no output shapes, no MACs
+            assert (r.macs, r.bops) == (lb.macs, lb.bops), lb.name
+    assert sum(rows[n].size_bits for n in configured) == bc.totals.weight_memory_bits
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,8 +121,12 @@ def test_cli_pareto_writes_a_bitconfig_per_point_that_quantize_reads(data_dir, t
     assert [p["status"] for p in front["points"]] == ["optimal"] * 3
     for i, point in enumerate(front["points"]):
         config = BitConfig.load(bits / f"point_{i:03d}.json")
-        assert {lb.name: lb.weight_bits for lb in config.layers} == point["weight_bits"]
-        assert {lb.name: lb.act_bits for lb in config.layers} == point["act_bits"]
+        every = [*config.layers, *config.fixed_layers]  # the two frozen shortcut convs too
+        assert [lb.name for lb in config.fixed_layers] == ["layer2.0.shortcut", "layer3.0.shortcut"]
+        assert {lb.name: lb.weight_bits for lb in every} == point["weight_bits"]
+        assert {lb.name: lb.act_bits for lb in every} == point["act_bits"]
+        assert config.totals.weight_memory_bits == point["weight_memory_bits"]
+        assert config.average_weight_bits == pytest.approx(point["avg_weight_bits"])
         assert config.budgets.weight_memory_bits == point["budgets"]["weight_memory_bits"]
         assert config.weights is not None  # the checkpoint's hash, as `ompq search` records
     assert set(point["act_bits"].values()) == {8}  # --act-bits narrowed the free layers

@@ -202,10 +202,13 @@ def test_avg_weight_bits_counts_the_discovered_layers(resnet20):
     model, samples = resnet20
     params = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE_TYPES))
     by_avg = run_search(model, samples[:8], "generic", avg_weight_bits=3.0, method="size-greedy")
-    by_bits = run_search(model, samples[:8], "generic", Budgets(weight_memory_bits=3.0 * params),
-                         method="size-greedy")
+    # ... plus the two frozen 2-bit shortcut convs `quantize` adds (16x32 and 32x64 weights)
+    fixed = (16 * 32 + 32 * 64) * 2
+    by_bits = run_search(model, samples[:8], "generic",
+                         Budgets(weight_memory_bits=3.0 * params + fixed), method="size-greedy")
     assert by_avg.config.budgets == by_bits.config.budgets
     assert by_avg.allocation.weight_bits == by_bits.allocation.weight_bits
+    assert by_avg.config.average_weight_bits <= 3.0
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 
 from ompq_plugin.allocate.problem import AllocationProblem, Prepared, budget_limits
+from ompq_plugin.bitconfig import FIXED_KIND
 from ompq_plugin.budgets import KIB_BITS
 from ompq_plugin.errors import InfeasibleBudgetError
 
@@ -84,8 +85,12 @@ def check_feasible(problem: AllocationProblem, prep: Prepared) -> None:
     low_memory = _smallest(problem, prep, act_ok, 0) if low_buffer <= limits[2] else 0
     low_bops = _smallest(problem, prep, act_ok, 1) if low_buffer <= limits[2] else 0
     if low_memory > limits[0]:
-        total_params = sum(lay.params for lay in layers)
-        avg = f" (or --avg-weight-bits to at least {_fmt_up(low_memory / total_params)})"
+        # --avg-weight-bits counts the model's own layers; the fixed ones come on top
+        total_params = sum(lay.params for lay in layers if lay.kind != FIXED_KIND)
+        fixed = sum(lay.params * max(lay.weight_choices) for lay in layers
+                    if lay.kind == FIXED_KIND)
+        need = (low_memory - fixed) / max(total_params, 1)
+        avg = f" (or --avg-weight-bits to at least {_fmt_up(need)})"
         raise InfeasibleBudgetError(
             f"weight memory budget {_fmt(limits[0] / KIB_BITS)} KiB is infeasible: the smallest "
             f"achievable is {_fmt_up(low_memory / KIB_BITS)} KiB ({low_memory} bits; {how}); "

@@ -26,10 +26,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ompq_plugin.bitconfig import FIXED_KIND
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import OmpqError
 
-LAYER_KINDS = ("conv", "depthwise", "pointwise", "linear")
+# "fixed": a layer the quantizer adds at one weight width (ompq_plugin.fixed_layers): it uses the
+# budgets and has no say in the objective
+LAYER_KINDS = ("conv", "depthwise", "pointwise", "linear", FIXED_KIND)
 
 Pin = tuple[int | None, int | None]
 
@@ -39,7 +42,7 @@ class AllocationLayer:
     """One quantizable layer as the integer program sees it."""
 
     name: str
-    kind: str  # conv | depthwise | pointwise | linear
+    kind: str  # conv | depthwise | pointwise | linear | fixed
     params: int  # weight parameters: memory = params * weight_bits
     macs: int  # BOPs = macs * weight_bits * act_bits
     input_numel: int  # activation buffer = input_numel * act_bits

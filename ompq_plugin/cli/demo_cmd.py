@@ -33,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ompq_plugin.budgets import Budgets
     from ompq_plugin.cli.common import input_of, note, progress_step
     from ompq_plugin.data import choose_samples, normalise, search_samples
     from ompq_plugin.datasets import open_data
@@ -74,10 +73,7 @@ def run(args: argparse.Namespace) -> int:
     t = step(f"search ({DEFAULT_METHOD}): {args.avg_weight_bits:g}-bit average weights from "
              f"{widths}-bit layers, 8-bit activations, profile {profile.name}")
     samples = search_samples(source, spec, 64, seed=0)
-    total_params = sum(p.numel() for n, p in model.named_parameters()
-                       if n.endswith("weight") and p.dim() > 1)
-    bits = search(model, samples, profile,
-                  Budgets(weight_memory_bits=args.avg_weight_bits * total_params),
+    bits = search(model, samples, profile, avg_weight_bits=args.avg_weight_bits,
                   weight_bits=weight_bits, act_bits=[8], model_name="resnet20", seed=0)
     bits = bits.with_model_info(spec)
     print_config(bits)

@@ -17,8 +17,10 @@ from ompq_plugin.allocate import (
     eq10_coefficients,
     solve,
 )
+from ompq_plugin.bitconfig import FIXED_KIND
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
+from ompq_plugin.fixed_layers import FixedLayer
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers
 from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, hawq, measured
@@ -150,6 +152,37 @@ def build_problem(
         }
         return AllocationProblem(layers, zeros, budgets, pins, None, tuple(w_val), a_val)
     raise OmpqError(f"unknown method {method!r}")
+
+
+def with_fixed_layers(
+    problem: AllocationProblem, fixed: tuple[FixedLayer, ...]
+) -> AllocationProblem:
+    """``problem`` with the convolutions ``quantize`` adds (see :mod:`ompq_plugin.fixed_layers`):
+    each one a layer pinned at its weight width, right after the layer that reads the same input
+    (same act group, so the same input width), worth nothing in the objective: it only uses
+    the budgets (memory, BOPs, buffer) as it will on the target."""
+    if not fixed:
+        return problem
+    layers = list(problem.layers)
+    coeff = list(problem.weight_coeff)
+    values = list(problem.weight_value) if problem.weight_value is not None else None
+    pins = dict(problem.pins)
+    for extra in fixed:
+        at = next(i for i, lay in enumerate(layers) if lay.name == extra.reader) + 1
+        reader = layers[at - 1]
+        layers.insert(at, AllocationLayer(
+            name=extra.name, kind=FIXED_KIND, params=extra.params, macs=extra.macs,
+            input_numel=extra.input_numel, act_group=reader.act_group,
+            weight_choices=(extra.weight_bits,), act_choices=reader.act_choices,
+        ))
+        coeff.insert(at, 0.0)
+        if values is not None:
+            values.insert(at, {extra.weight_bits: 0.0})
+        pins[extra.name] = (extra.weight_bits, None)
+    return replace(
+        problem, layers=tuple(layers), weight_coeff=tuple(coeff), pins=pins,
+        weight_value=tuple(values) if values is not None else None,
+    )
 
 
 def _act_errors_of(

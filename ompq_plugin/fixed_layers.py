@@ -1,0 +1,93 @@
+"""Layers that ``ompq quantize`` adds to the model, and what they cost on the target.
+
+``quantize`` replaces every option-A ``ShortcutA`` (subsample by 2, zero-pad the channels) by an
+exactly equivalent frozen 1x1 stride-2 convolution with 0/1 weights at ``SHORTCUT_WEIGHT_BITS``
+(:class:`~ompq_plugin.quant_graph.FixedShortcutConv`), so that the exported graph needs no Slice
+or Pad. On the target that convolution is real: it stores its weights and does its MACs on the
+block's quantized input, whose width is that of the layers reading the same tensor (the block's
+first convolution). :func:`fixed_layers` lists these convolutions so that the search counts
+them in the budgets: the exported file, not only the model's own layers, stays within them.
+
+Contract: input a float model and its :class:`~ompq_plugin.layers.ModelLayers` (traced); output
+one :class:`FixedLayer` per ``ShortcutA`` whose input a quantizable layer also reads, in the
+order of the trace. A shortcut whose input no quantizable layer reads is returned in
+``uncounted`` (its input width would be the profile's default, outside the search's choices).
+An untraced model gives nothing (``quantize`` cannot build it either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ompq_plugin.layers import ModelLayers, input_point
+
+SHORTCUT_WEIGHT_BITS = 2  # 0/1 weights are exact at any width >= 2 (narrow range, scale 1)
+
+
+@dataclass(frozen=True)
+class FixedLayer:
+    """A convolution the quantizer adds: fixed weight width, input width shared with
+    ``reader`` (the model layer that reads the same quantized tensor); counts per sample."""
+
+    name: str
+    params: int
+    macs: int
+    input_numel: int
+    weight_bits: int
+    reader: str
+
+
+@dataclass(frozen=True)
+class FixedLayers:
+    layers: tuple[FixedLayer, ...] = ()
+    uncounted: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def weight_memory_bits(self) -> int:
+        """What the fixed layers add to a weight-memory budget given as average bits of the
+        model's own layers (``--avg-weight-bits``): the average is the model's, this is extra."""
+        return sum(f.params * f.weight_bits for f in self.layers)
+
+
+def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
+    """The frozen shortcut convolutions ``quantize`` will add to ``model`` (see the module doc)."""
+    from ompq_plugin.models.cifar_resnet import ShortcutA
+
+    shortcuts = {n: m for n, m in model.named_modules() if isinstance(m, ShortcutA)}
+    if not shortcuts or found.graph is None:
+        return FixedLayers()
+    modules = dict(model.named_modules())
+    by_name = {layer.name: layer for layer in found.layers}
+    readers: dict[torch.fx.Node | None, str] = {}  # input point -> first layer reading it
+    entry: dict[str, torch.fx.Node] = {}  # shortcut -> its first node in the trace
+    for node in found.graph.nodes:
+        target = str(node.target)
+        if node.op == "call_module" and target in by_name and node.args:
+            readers.setdefault(input_point(node.args[0], modules), target)
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next((k for k in reversed(stack) if k in shortcuts), None)
+        if node.op == "call_module" and target in shortcuts:
+            owner = target
+        if owner is not None and owner not in entry:
+            entry[owner] = node
+    counted, uncounted = [], []
+    for name, shortcut in shortcuts.items():
+        node = entry.get(name)
+        reader = readers.get(input_point(node.args[0], modules)) if node and node.args else None
+        if reader is None:
+            uncounted.append(name)
+            continue
+        _, *spatial = by_name[reader].input_shape
+        out_positions = 1
+        for size in spatial:
+            out_positions *= (size - 1) // 2 + 1  # 1x1 kernel, stride 2, no padding
+        params = shortcut.planes * shortcut.in_planes
+        counted.append(FixedLayer(
+            name=name, params=params, macs=params * out_positions,
+            input_numel=by_name[reader].input_numel, weight_bits=SHORTCUT_WEIGHT_BITS,
+            reader=reader,
+        ))
+    return FixedLayers(tuple(counted), tuple(uncounted))

@@ -1,0 +1,101 @@
+"""The shortcut convolutions `quantize` adds are counted in the search's budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from ompq_plugin.allocate import AllocationLayer, AllocationProblem, solve, usage
+from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.budgets import Budgets
+from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS, FixedLayer, fixed_layers
+from ompq_plugin.layers import discover_layers
+from ompq_plugin.methods.build import with_fixed_layers
+from ompq_plugin.models.cifar_resnet import resnet20
+from ompq_plugin.searcher import run_search
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return resnet20().eval()  # random weights: only the structure counts here
+
+
+def test_resnet20_has_two_fixed_shortcut_convs(net):
+    found = discover_layers(net, torch.randn(1, 3, 32, 32))
+    fixed = fixed_layers(net, found)
+    assert fixed.uncounted == ()
+    first, second = fixed.layers
+    # 16 -> 32 channels on 32x32 inputs (16x16 out); 32 -> 64 on 16x16 (8x8 out)
+    assert first == FixedLayer("layer2.0.shortcut", 16 * 32, 16 * 32 * 16 * 16, 16 * 32 * 32,
+                               SHORTCUT_WEIGHT_BITS, "layer2.0.conv1")
+    assert second == FixedLayer("layer3.0.shortcut", 32 * 64, 32 * 64 * 8 * 8, 32 * 16 * 16,
+                                SHORTCUT_WEIGHT_BITS, "layer3.0.conv1")
+
+
+def test_no_shortcut_or_no_trace_gives_nothing(net):
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    assert fixed_layers(plain, discover_layers(plain, torch.randn(1, 3, 32, 32))).layers == ()
+    found = discover_layers(net, torch.randn(1, 3, 32, 32))
+    untraced = dataclasses.replace(found, traced=False, graph=None)
+    assert fixed_layers(net, untraced).layers == ()
+
+
+def _problem(budgets: Budgets) -> AllocationProblem:
+    layers = tuple(
+        AllocationLayer(name, "conv", params, macs, 10, group, (2, 4, 8), (4, 8))
+        for name, params, macs, group in (
+            ("a", 100, 1000, "g0"), ("b", 100, 1000, "g1"), ("c", 100, 1000, "g1"),
+        )
+    )
+    return AllocationProblem(layers, (1.0, 2.0, 3.0), budgets)
+
+
+def test_fixed_layer_takes_its_readers_act_width_and_uses_the_budgets():
+    extra = FixedLayer("b_short", 50, 4000, 10, 2, "b")
+    free = with_fixed_layers(_problem(Budgets()), (extra,))
+    assert [lay.name for lay in free.layers] == ["a", "b", "b_short", "c"]
+    assert free.pins["b_short"] == (2, None) and free.weight_coeff[2] == 0.0
+    widest = solve(free)
+    assert widest.weight_bits["b_short"] == 2
+    assert widest.act_bits["b_short"] == widest.act_bits["b"] == 8
+    # at the widest answer's exact BOPs the fixed layer fits; one BOP less and it does not
+    wbits, abits = widest.weight_bits, widest.act_bits
+    bops = usage(free, wbits, abits)[1]
+    assert bops == 3 * 1000 * 8 * 8 + 4000 * 2 * 8
+    at = solve(with_fixed_layers(_problem(Budgets(bops=bops)), (extra,)))
+    assert (at.weight_bits, at.act_bits) == (wbits, abits)
+    below = solve(with_fixed_layers(_problem(Budgets(bops=bops - 1)), (extra,)))
+    assert below.weight_bits != wbits or below.act_bits != abits
+    assert usage(free, below.weight_bits, below.act_bits)[1] <= bops - 1
+
+
+@pytest.mark.parametrize("method", ["ompq-noise", "ompq", "uniform"])
+def test_search_totals_count_the_fixed_convs_within_the_budget(net, method):
+    x = torch.randn(8, 3, 32, 32)
+    free = run_search(net, x, "generic", method=method).config
+    fixed_bops = sum(lb.bops for lb in free.fixed_layers)
+    assert [lb.name for lb in free.fixed_layers] == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    assert fixed_bops > 0
+    budget = 0.6 * free.totals.bops
+    config = run_search(net, x, "generic", Budgets(bops=budget), method=method).config
+    assert config.totals.bops <= budget
+    assert config.totals.bops == sum(lb.bops for lb in [*config.layers, *config.fixed_layers])
+    groups = {lb.name: lb.act_bits for lb in config.layers}
+    for lb in config.fixed_layers:
+        assert lb.weight_bits == SHORTCUT_WEIGHT_BITS
+        assert lb.act_bits == groups[lb.name.replace("shortcut", "conv1")]
+    again = BitConfig.from_json(config.to_json())
+    assert again.fixed_layers == config.fixed_layers and again.totals == config.totals
+
+
+def test_bitconfig_without_fixed_layers_still_loads(net):
+    config = run_search(net, torch.randn(8, 3, 32, 32), "generic").config
+    data = config.to_json()
+    del data["fixed_layers"]
+    data["totals"] = None
+    old = BitConfig.from_json(data)
+    assert old.fixed_layers == [] and old.layers == config.layers

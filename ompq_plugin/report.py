@@ -56,10 +56,10 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
     used_kib = max(t.weight_memory_bits, 1) / KIB_BITS
     fixed = config.fixed_layers
     extra = [(
-        "in the totals: layers `quantize` adds",
-        f"{', '.join(lb.name for lb in fixed)} ({fixed[0].weight_bits}-bit 0/1 weights: "
+        "of which: convs quantize adds",
+        f"{len(fixed)} shortcuts at {fixed[0].weight_bits} bit: "
         f"{sum(lb.weight_memory_bits for lb in fixed) / KIB_BITS:.2f} KiB, "
-        f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs)",
+        f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs",
         "",
     )] if fixed else []
     return [

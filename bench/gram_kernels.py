@@ -7,6 +7,9 @@ Two measurements, one thread, in one process:
    (a symmetric rank-k update), by ``features._float32_gram`` (oneDNN convolution, two halves),
    and by torch's ``mm`` (MKL); the median of 15 calls each, and each one's largest difference
    from the float64 Gram of the same float32 values (relative to the Gram's largest entry).
+   ``onednn_*`` is oneDNN's product at any size (it falls off a cliff past 393,216 columns),
+   ``project_ms`` what the search calls (``used``: oneDNN only where it was measured faster,
+   in slices of at most 2^17 columns as ``centred_gram`` cuts them).
    Values: a post-ReLU-like draw (max(0, N(0.5, 1))); only the shapes come from the models.
 2. Inside the search: ``--method ompq`` on the pretrained ResNet-20 and ResNet-56 with each
    kernel in turn (interleaved, the order swapped every round), each search right after a
@@ -78,31 +81,28 @@ def kernels() -> list[dict]:
             def error(g: np.ndarray) -> float:
                 return float(np.abs(g - exact).max() / np.abs(exact).max())  # noqa: B023
 
-            onednn = features._float32_gram  # noqa: SLF001
+            raw = features._onednn_gram  # noqa: SLF001
+            step = min(features._CHUNK_ELEMENTS // n, features._ONEDNN_MAX_COLUMNS)  # noqa: SLF001
+
+            def project(t: torch.Tensor, step: int = step) -> np.ndarray:  # centred_gram's slices
+                return sum(features._float32_gram(t[:, s : s + step].contiguous())  # noqa: SLF001
+                           for s in range(0, t.shape[1], step))
+
+            # past the cliff (> 393,216 columns) oneDNN takes ~1 s a call: 3 calls there
+            repeats = 3 if d > 1 << 19 else 15
             rows.append({
                 "model": model_name, "n": n, "d": d, "layers": count,
-                "used": "onednn" if n * d >= features._ONEDNN_MIN_ELEMENTS else "numpy",  # noqa: SLF001
+                "used": "onednn" if features._onednn_applies(n, min(d, step)) else "numpy",  # noqa: SLF001
                 "numpy_syrk_ms": _median_ms(lambda: block @ block.T),  # noqa: B023
-                "onednn_ms": _median_ms(lambda: _forced_onednn(t)),  # noqa: B023
-                "project_ms": _median_ms(lambda: onednn(t)),  # noqa: B023
+                "onednn_ms": _median_ms(lambda: raw(t), repeats),  # noqa: B023
+                "project_ms": _median_ms(lambda: project(t)),  # noqa: B023
                 "torch_mm_ms": _median_ms(lambda: t @ t.T),  # noqa: B023
                 "numpy_error": error(block @ block.T),
-                "onednn_error": error(_forced_onednn(t)),
+                "onednn_error": error(raw(t)),
                 "torch_mm_error": error((t @ t.T).numpy()),
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _forced_onednn(t: torch.Tensor) -> np.ndarray:
-    from ompq_plugin import features
-
-    floor = features._ONEDNN_MIN_ELEMENTS  # noqa: SLF001
-    features._ONEDNN_MIN_ELEMENTS = 0  # noqa: SLF001
-    try:
-        return features._float32_gram(t)  # noqa: SLF001
-    finally:
-        features._ONEDNN_MIN_ELEMENTS = floor  # noqa: SLF001
 
 
 def in_search(model_name: str, rounds: int) -> dict:

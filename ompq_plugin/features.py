@@ -152,10 +152,21 @@ def _float32_gram(block: torch.Tensor) -> np.ndarray:
     where oneDNN was measured faster (``_ONEDNN_*``), numpy's rank-k update.
     """
     n, d = block.shape
-    if (not _ONEDNN or n < max(2, _ONEDNN_MIN_ROWS) or n * d < _ONEDNN_MIN_ELEMENTS
-            or d > _ONEDNN_MAX_COLUMNS):
+    if not _onednn_applies(n, d):
         b = block.numpy()
         return (b @ b.T).astype(np.float64)
+    return _onednn_gram(block)
+
+
+def _onednn_applies(n: int, d: int) -> bool:
+    """Whether :func:`_float32_gram` forms an ``n`` x ``d`` block's Gram in oneDNN."""
+    return (_ONEDNN and n >= max(2, _ONEDNN_MIN_ROWS) and n * d >= _ONEDNN_MIN_ELEMENTS
+            and d <= _ONEDNN_MAX_COLUMNS)
+
+
+def _onednn_gram(block: torch.Tensor) -> np.ndarray:
+    """oneDNN's ``block @ block.T`` (see :func:`_float32_gram`), whatever the block's size."""
+    n, d = block.shape
     h = n // 2
     rows = block.reshape(n, 1, 1, d)
     g = np.empty((n, n), dtype=np.float64)

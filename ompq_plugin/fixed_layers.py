@@ -61,18 +61,22 @@ def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
         return FixedLayers()
     modules = dict(model.named_modules())
     by_name = {layer.name: layer for layer in found.layers}
-    readers: dict[torch.fx.Node | None, str] = {}  # input point -> first layer reading it
     entry: dict[str, torch.fx.Node] = {}  # shortcut -> its first node in the trace
+    owned: set[torch.fx.Node] = set()  # the nodes inside a shortcut
     for node in found.graph.nodes:
-        target = str(node.target)
-        if node.op == "call_module" and target in by_name and node.args:
-            readers.setdefault(input_point(node.args[0], modules), target)
         stack = node.meta.get("nn_module_stack") or {}
         owner = next((k for k in reversed(stack) if k in shortcuts), None)
-        if node.op == "call_module" and target in shortcuts:
-            owner = target
-        if owner is not None and owner not in entry:
-            entry[owner] = node
+        if node.op == "call_module" and str(node.target) in shortcuts:
+            owner = str(node.target)
+        if owner is not None:
+            owned.add(node)
+            entry.setdefault(owner, node)
+    readers: dict[torch.fx.Node | None, str] = {}  # input point -> first layer reading it
+    for node in found.graph.nodes:
+        target = str(node.target)
+        if (node.op == "call_module" and target in by_name and node.args
+                and not _through(node.args[0], owned, modules)):
+            readers.setdefault(input_point(node.args[0], modules), target)
     counted, uncounted = [], []
     for name, shortcut in shortcuts.items():
         node = entry.get(name)
@@ -91,3 +95,15 @@ def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
             reader=reader,
         ))
     return FixedLayers(tuple(counted), tuple(uncounted))
+
+
+def _through(arg: object, owned: set[torch.fx.Node], modules: dict[str, nn.Module]) -> bool:
+    """Whether a layer input reaches its input point through a shortcut's nodes (it then reads
+    the shortcut's output, not the tensor the shortcut reads)."""
+    node = arg if isinstance(arg, torch.fx.Node) else None
+    while node is not None and node not in owned:
+        if input_point(node, modules) is node:  # not a transparent op: the walk ends here
+            return False
+        first = node.args[0] if node.args else None
+        node = first if isinstance(first, torch.fx.Node) else None
+    return node is not None

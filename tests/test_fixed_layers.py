@@ -11,7 +11,7 @@ from torch import nn
 from ompq_plugin.allocate import AllocationLayer, AllocationProblem, solve, usage
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import Budgets
-from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS, FixedLayer, fixed_layers
+from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS, FixedLayer, FixedLayers, fixed_layers
 from ompq_plugin.layers import discover_layers
 from ompq_plugin.methods.build import with_fixed_layers
 from ompq_plugin.models.cifar_resnet import resnet20
@@ -99,3 +99,15 @@ def test_bitconfig_without_fixed_layers_still_loads(net):
     data["totals"] = None
     old = BitConfig.from_json(data)
     assert old.fixed_layers == [] and old.layers == config.layers
+
+
+def test_shortcut_whose_input_no_layer_reads_is_named_not_counted():
+    from ompq_plugin.models.cifar_resnet import ShortcutA
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), ShortcutA(4, 8),
+                          nn.Conv2d(8, 2, 1), nn.Flatten(), nn.Linear(2 * 16 * 16, 3)).eval()
+    found = discover_layers(model, torch.randn(1, 3, 32, 32))
+    assert fixed_layers(model, found) == FixedLayers((), ("2",))
+    with pytest.warns(UserWarning, match="2: `ompq quantize` turns this shortcut"):
+        config = run_search(model, torch.randn(4, 3, 32, 32), "generic").config
+    assert config.fixed_layers == []

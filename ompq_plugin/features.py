@@ -144,9 +144,9 @@ def _float32_gram(block: torch.Tensor) -> np.ndarray:
     """``block @ block.T`` of an (N, D) float32 CPU tensor, as a float64 array.
 
     Where torch has oneDNN, the product is a convolution of the N rows (as N one-channel 1 x D
-    images) with the same rows (as 1 x D kernels): oneDNN's kernels ran it 1.2-1.6x faster
+    images) with the same rows (as 1 x D kernels): oneDNN's kernels ran it up to 1.65x faster
     than numpy's symmetric rank-k update (OpenBLAS) on the shapes of ResNet-20/-56, MobileNetV2
-    and ResNet-50 features, single-threaded, with the same float32 accuracy
+    and ResNet-50 features where it is used, single-threaded, with the same float32 accuracy
     (``bench/gram_kernels.py``). The rows are split in two halves so that the product skips one
     off-diagonal quarter, which the symmetry fills in. Elsewhere, and outside the block sizes
     where oneDNN was measured faster (``_ONEDNN_*``), numpy's rank-k update.

@@ -9,10 +9,11 @@ first convolution). :func:`fixed_layers` lists these convolutions so that the se
 them in the budgets: the exported file, not only the model's own layers, stays within them.
 
 Contract: input a float model and its :class:`~ompq_plugin.layers.ModelLayers` (traced); output
-one :class:`FixedLayer` per ``ShortcutA`` whose input a quantizable layer also reads, in the
-order of the trace. A shortcut whose input no quantizable layer reads is returned in
-``uncounted`` (its input width would be the profile's default, outside the search's choices).
-An untraced model gives nothing (``quantize`` cannot build it either).
+one :class:`FixedLayer` per ``ShortcutA`` the forward pass calls whose input a quantizable
+layer also reads, in the order of the model's modules. A shortcut whose input no quantizable
+layer reads is returned in ``uncounted`` (its input width would be the profile's default,
+outside the search's choices). An untraced model gives nothing (``quantize`` cannot build it
+either).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FixedLayer:
 
 @dataclass(frozen=True)
 class FixedLayers:
+    """The fixed layers the search counts, and the shortcuts it cannot (named in a warning)."""
+
     layers: tuple[FixedLayer, ...] = ()
     uncounted: tuple[str, ...] = field(default_factory=tuple)
 
@@ -80,7 +83,9 @@ def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
     counted, uncounted = [], []
     for name, shortcut in shortcuts.items():
         node = entry.get(name)
-        reader = readers.get(input_point(node.args[0], modules)) if node and node.args else None
+        if node is None:  # never called: not in the traced (or exported) graph
+            continue
+        reader = readers.get(input_point(node.args[0], modules)) if node.args else None
         if reader is None:
             uncounted.append(name)
             continue

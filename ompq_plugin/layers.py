@@ -366,6 +366,8 @@ def _feature_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.f
 
 
 def input_point(arg: object, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
+    """The node a layer input reads, looking back through ops that keep the quantizer's grid
+    (flatten, reshape, pooling, zero-pad, slicing, dropout); None for a constant."""
     node = arg if isinstance(arg, torch.fx.Node) else None
     while node is not None and _is_op(
         node, modules, _TRANSPARENT_TYPES, _TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ompq_plugin import __version__
-from ompq_plugin.allocate import Allocation, AllocationLayer, AllocationProblem, solve
+from ompq_plugin.allocate import Allocation, AllocationProblem, solve
 from ompq_plugin.bitconfig import FIXED_KIND, BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.device import on_device, resolve_device
@@ -29,7 +29,8 @@ from ompq_plugin.fixed_layers import fixed_layers
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
-from ompq_plugin.layers import LayerInfo, ModelLayers, discover_layers, layer_kind
+from ompq_plugin.layer_choices import allocation_layer, check_buildable, narrowing, pins_for
+from ompq_plugin.layers import ModelLayers, discover_layers, layer_kind
 from ompq_plugin.methods import DEFAULT_ACT_WEIGHT, DEFAULT_BETA, DEFAULT_METHOD, ORM_METHODS
 from ompq_plugin.methods import METHODS as _METHODS
 from ompq_plugin.methods.build import build_problem, solve_uniform, with_fixed_layers
@@ -147,9 +148,9 @@ def run_search(
         if labelled is not None:
             labelled = (labelled[0].to(on), labelled[1].to(on))
         hw = load_profile(profile) if isinstance(profile, str) else profile
-        _check_buildable(hw)
+        check_buildable(hw)
         limits = hw.budgets.merged(budgets) if budgets is not None else hw.budgets
-        narrow = _narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
+        narrow = narrowing(hw, weight_bits, act_bits)  # checked before the forward pass
 
         timings: dict[str, float] = {}
         k: np.ndarray | None = None
@@ -182,9 +183,9 @@ def run_search(
                 raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
             memory = avg_weight_bits * found.total_params + fixed.weight_memory_bits
             limits = limits.merged(Budgets(weight_memory_bits=memory))
-        pin_map = _pins(found, hw, pins or {}, pin_first_last)
+        pin_map = pins_for(found, hw, pins or {}, pin_first_last)
         alloc_layers = tuple(
-            _allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
+            allocation_layer(layer, hw, None if layer.name in pin_map else narrow)
             for layer in found.layers
         )
         if method in ORM_METHODS and not need_orm:
@@ -288,9 +289,9 @@ def _act_widths(
     method: str,
 ) -> WidthsFor:
     """Which layer inputs the single pass scores, at which widths (``ompq-noise`` only): every
-    layer whose act width is left to the solver (pins and narrowing as :func:`_pins` and
-    :func:`_allocation_layer` apply them). Without the execution order (an untraced model) the
-    first and last layers are scored too."""
+    layer whose act width is left to the solver (pins and narrowing as
+    :mod:`ompq_plugin.layer_choices` applies them). Without the execution order (an untraced
+    model) the first and last layers are scored too."""
 
     def widths(names: list[str], ordered: bool) -> dict[str, tuple[int, ...]]:
         if method != "ompq-noise" or not names:
@@ -322,110 +323,6 @@ def _scored_indices(found: ModelLayers, pin_first_last: bool) -> list[int]:
     if pin_first_last and n > 2:
         return list(range(1, n - 1))
     return list(range(n))
-
-
-def _check_buildable(hw: HardwareProfile) -> None:
-    """The search never offers a width that ``ompq quantize`` refuses (it builds 2 bits up)."""
-    offered = [hw.default_bits, *hw.kind_bits.values()]
-    low = sorted({b for c in offered for b in (*c.weight, *c.activation) if b < 2})
-    if low:
-        raise OmpqError(
-            f"profile {hw.name} offers {low}-bit widths, which `ompq quantize` cannot build "
-            "(2 bits or more); remove them from the profile's [bits]"
-        )
-
-
-def _narrowing(
-    hw: HardwareProfile, weight_bits: Sequence[int] | None, act_bits: Sequence[int] | None
-) -> tuple[set[int] | None, set[int] | None]:
-    """The user's subsets of bit widths, checked against what the profile offers at all."""
-    offered = [hw.default_bits, *hw.kind_bits.values()]
-    out: list[set[int] | None] = []
-    for flag, wanted, have in (
-        ("--weight-bits", weight_bits, {b for c in offered for b in c.weight}),
-        ("--act-bits", act_bits, {b for c in offered for b in c.activation}),
-    ):
-        if wanted is None:
-            out.append(None)
-            continue
-        extra = sorted(set(wanted) - have)
-        if extra or not wanted:
-            raise OmpqError(
-                f"{flag} {','.join(map(str, wanted))}: profile {hw.name} offers "
-                f"{sorted(have)} only; choose among those"
-            )
-        out.append(set(wanted))
-    return out[0], out[1]
-
-
-def _allocation_layer(
-    layer: LayerInfo,
-    hw: HardwareProfile,
-    narrow: tuple[set[int] | None, set[int] | None] | None,
-) -> AllocationLayer:
-    choices = hw.bits_for(layer.kind)
-    weights, acts = choices.weight, choices.activation
-    if narrow is not None:  # a kind that runs none of the narrowed widths keeps its own
-        keep_w, keep_a = narrow
-        weights = tuple(b for b in weights if keep_w is None or b in keep_w) or weights
-        acts = tuple(b for b in acts if keep_a is None or b in keep_a) or acts
-    return AllocationLayer(
-        name=layer.name,
-        kind=layer.kind,
-        params=layer.params,
-        macs=layer.macs,
-        input_numel=layer.input_numel,
-        act_group=layer.act_group,
-        weight_choices=weights,
-        act_choices=acts,
-        excluded_pairs=hw.excluded_pairs,
-    )
-
-
-def _pins(
-    found: ModelLayers, hw: HardwareProfile, user: Mapping[str, Pin], pin_first_last: bool
-) -> dict[str, Pin]:
-    names = found.names
-    unknown = [name for name in user if name not in names]
-    if unknown:
-        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise OmpqError(f"--pin names unknown layers {unknown}; layers are: {shown}")
-    pins: dict[str, Pin] = {}
-    if pin_first_last:
-        for name in (names[0], names[-1]):
-            pins[name] = (hw.pinned_weight_bits, hw.pinned_act_bits)
-    pins.update(user)
-    kinds = {layer.name: layer.kind for layer in found.layers}
-    for name, (w, a) in pins.items():
-        allowed = hw.bits_for(kinds[name])
-        if w is not None and w not in allowed.weight:
-            raise OmpqError(
-                f"pin {name}={w}/{a}: profile {hw.name} runs {kinds[name]} weights at "
-                f"{list(allowed.weight)} bits only; pick one of those"
-            )
-        if a is not None and a not in allowed.activation:
-            raise OmpqError(
-                f"pin {name}={w}/{a}: profile {hw.name} runs activations at "
-                f"{list(allowed.activation)} bits only; pick one of those"
-            )
-    return pins
-
-
-def parse_pin(text: str) -> tuple[str, Pin]:
-    """``NAME=W/A`` (either side may be ``*`` for free) -> (name, (w, a))."""
-    name, sep, bits = text.partition("=")
-    w_text, slash, a_text = bits.partition("/")
-    if not sep or not slash or not name:
-        raise OmpqError(f"--pin {text!r}: expected NAME=W/A, e.g. layer1.0.conv1=4/8")
-
-    def one(part: str) -> int | None:
-        if part in ("*", ""):
-            return None
-        if not part.isdigit():
-            raise OmpqError(f"--pin {text!r}: {part!r} is not a bit width; use e.g. 4 or *")
-        return int(part)
-
-    return name, (one(w_text), one(a_text))
 
 
 def library_versions() -> dict[str, str]:

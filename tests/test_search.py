@@ -12,9 +12,10 @@ from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.cli import main
 from ompq_plugin.data import search_samples
 from ompq_plugin.errors import InfeasibleBudgetError, OmpqError
+from ompq_plugin.layer_choices import parse_pin
 from ompq_plugin.layers import QUANTIZABLE_TYPES
 from ompq_plugin.models import build_model
-from ompq_plugin.searcher import parse_pin, run_search, search
+from ompq_plugin.searcher import run_search, search
 
 
 @pytest.fixture(scope="module")

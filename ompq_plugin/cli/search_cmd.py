@@ -77,7 +77,7 @@ def add_choice_options(p: argparse.ArgumentParser) -> None:
 def choice_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run_search keywords of :func:`add_choice_options`' flags (pins parsed: bad input
     fails before any work)."""
-    from ompq_plugin.searcher import parse_pin
+    from ompq_plugin.layer_choices import parse_pin
 
     return {
         "weight_bits": args.weight_bits,

@@ -1,12 +1,15 @@
 """Layers that ``ompq quantize`` adds to the model, and what they cost on the target.
 
 ``quantize`` replaces every option-A ``ShortcutA`` (subsample by 2, zero-pad the channels) by an
-exactly equivalent frozen 1x1 stride-2 convolution with 0/1 weights at ``SHORTCUT_WEIGHT_BITS``
+exactly equivalent frozen 1x1 stride-2 convolution with 0/1 weights
 (:class:`~ompq_plugin.quant_graph.FixedShortcutConv`), so that the exported graph needs no Slice
-or Pad. On the target that convolution is real: it stores its weights and does its MACs on the
-block's quantized input, whose width is that of the layers reading the same tensor (the block's
-first convolution). :func:`fixed_layers` lists these convolutions so that the search counts
-them in the budgets: the exported file, not only the model's own layers, stays within them.
+or Pad. Its weights are exact at any width; they take the narrowest 1x1-convolution weight width
+the target runs (:func:`shortcut_weight_bits`: 2 bits on FINN, hls4ml, IMX500 and the generic
+profile, 4 on CMSIS-NN and Hexagon, 8 on TensorRT). On the target that convolution is real:
+it stores its weights and does its MACs on the block's quantized input, whose width is that of
+the layers reading the same tensor (the block's first convolution). :func:`fixed_layers` lists
+these convolutions so that the search counts them in the budgets: the exported file, not only
+the model's own layers, stays within them.
 
 Contract: input a float model and its :class:`~ompq_plugin.layers.ModelLayers` (traced); output
 one :class:`FixedLayer` per ``ShortcutA`` the forward pass calls whose input a quantizable
@@ -23,9 +26,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers, input_point
 
-SHORTCUT_WEIGHT_BITS = 2  # 0/1 weights are exact at any width >= 2 (narrow range, scale 1)
+
+def shortcut_weight_bits(profile: HardwareProfile) -> int:
+    """The weight width of the frozen shortcut convolutions on ``profile``: its narrowest
+    1x1-convolution width from 2 bits up (0/1 weights are exact at any of them: narrow range,
+    scale 1)."""
+    return min(b for b in profile.bits_for("pointwise").weight if b >= 2)
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,9 @@ class FixedLayers:
         return sum(f.params * f.weight_bits for f in self.layers)
 
 
-def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
-    """The frozen shortcut convolutions ``quantize`` will add to ``model`` (see the module doc)."""
+def fixed_layers(model: nn.Module, found: ModelLayers, weight_bits: int) -> FixedLayers:
+    """The frozen shortcut convolutions ``quantize`` will add to ``model``, at ``weight_bits``
+    (:func:`shortcut_weight_bits` of the target; see the module doc)."""
     from ompq_plugin.models.cifar_resnet import ShortcutA
 
     shortcuts = {n: m for n, m in model.named_modules() if isinstance(m, ShortcutA)}
@@ -96,7 +106,7 @@ def fixed_layers(model: nn.Module, found: ModelLayers) -> FixedLayers:
         params = shortcut.planes * shortcut.in_planes
         counted.append(FixedLayer(
             name=name, params=params, macs=params * out_positions,
-            input_numel=by_name[reader].input_numel, weight_bits=SHORTCUT_WEIGHT_BITS,
+            input_numel=by_name[reader].input_numel, weight_bits=weight_bits,
             reader=reader,
         ))
     return FixedLayers(tuple(counted), tuple(uncounted))

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.errors import OmpqError
-from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS
+from ompq_plugin.fixed_layers import shortcut_weight_bits
 from ompq_plugin.graph_ops import (
     FLOAT_MODULES,
     dequant,
@@ -66,6 +65,7 @@ from ompq_plugin.quant_graph import (  # noqa: F401 - FOLDABLE_NORMS, SUPPORTED_
     trace_model,
     unique_name,
 )
+from ompq_plugin.quantize_report import QuantizeReport
 from ompq_plugin.rounding import TieOffset, half_up
 
 # Tensor methods a Brevitas QuantTensor has; any other method gets a plain tensor (see _dequant).
@@ -73,30 +73,6 @@ _QUANT_TENSOR_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "size", "dim", "contiguous", "detach",
     "to", "cpu", "cuda", "relu", "relu_", "add", "add_",
 }
-
-
-@dataclass
-class QuantizeReport:
-    """What :func:`quantize` did: layer bits, fixed shortcut convs and activation quantizers."""
-
-    weight_bits: dict[str, int] = field(default_factory=dict)
-    fixed_layers: list[str] = field(default_factory=list)
-    act_quantizers: dict[str, int] = field(default_factory=dict)  # module name -> bits
-    shared_add_quantizers: list[str] = field(default_factory=list)
-    shared_cat_quantizers: list[str] = field(default_factory=list)
-    folded_norms: list[str] = field(default_factory=list)
-    # ops kept in float between quantizers: name -> why (not integer-only there)
-    float_ops: dict[str, str] = field(default_factory=dict)
-    rewritten_pools: list[str] = field(default_factory=list)
-
-    def notes(self) -> list[str]:
-        """One line per thing a user should know: what stays float (not integer-only)."""
-        if not self.float_ops:
-            return []
-        shown = "; ".join(f"{name} ({why})" for name, why in list(self.float_ops.items())[:8])
-        more = len(self.float_ops) - 8
-        return [f"kept in float between quantizers (not integer-only there): {shown}"
-                + (f"; and {more} more" if more > 0 else "")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,13 +289,18 @@ def quantize(
     fixed = set(report.fixed_layers)
     _match_names({str(n.target) for n in layer_nodes if str(n.target) not in fixed}, bits)
     by_name = bits.by_name()
+    fixed_by_name = {lb.name: lb for lb in bits.fixed_layers}
+    report.uncounted_fixed = [n for n in report.fixed_layers if n not in fixed_by_name]
 
     # 1. layers -> quant layers
     for node in layer_nodes:
         name = str(node.target)
         if isinstance(module_of(gm, node), nn.Module) and name in fixed:
-            qlayer = _quant_layer(gm.get_submodule(name), SHORTCUT_WEIGHT_BITS, quants, True)
-            report.weight_bits[name] = SHORTCUT_WEIGHT_BITS
+            # the width the search counted, else the target's narrowest (an older BitConfig)
+            fixed_bits = fixed_by_name[name].weight_bits if name in fixed_by_name else (
+                shortcut_weight_bits(profile))
+            qlayer = _quant_layer(gm.get_submodule(name), fixed_bits, quants, True)
+            report.weight_bits[name] = fixed_bits
         else:
             wb = by_name[name].weight_bits
             qlayer = _quant_layer(gm.get_submodule(name), wb, quants, False)
@@ -452,15 +433,17 @@ def uniform_bitconfig(
     shortcut convolutions :func:`quantize` adds, see :mod:`ompq_plugin.fixed_layers`)."""
     from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
     from ompq_plugin.fixed_layers import fixed_layers
+    from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import discover_layers
 
     found = discover_layers(model, example_input[:1])
     groups = {li.name: li.act_group for li in found.layers}
+    width = shortcut_weight_bits(load_profile(profile_name))
     fixed = [
         LayerBits(name=f.name, kind=FIXED_KIND, weight_bits=f.weight_bits, act_bits=act_bits,
                   params=f.params, macs=f.macs, input_numel=f.input_numel,
                   act_group=groups[f.reader])
-        for f in fixed_layers(model, found).layers
+        for f in fixed_layers(model, found, width).layers
     ]
     layers = [
         LayerBits(

@@ -60,13 +60,13 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
         f"{len(fixed)} shortcuts at {fixed[0].weight_bits} bit: "
         f"{sum(lb.weight_memory_bits for lb in fixed) / KIB_BITS:.2f} KiB, "
         f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs",
-        "",
+        "counted",
     )] if fixed else []
     return [
         (
             "weight memory (KiB)",
             f"{used_kib:.2f}  ({float_kib / used_kib:.1f}x smaller than fp32, "
-            f"avg {config.average_weight_bits:.2f} bit)",
+            f"model layers avg {config.average_weight_bits:.2f} bit)",
             limit(b.weight_memory_bits, KIB_BITS, "{:.2f}"),
         ),
         ("BOPs (G)", f"{t.bops / 1e9:.3f}", limit(b.bops, 1e9, "{:.3f}")),

@@ -6,12 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from ompq_plugin.hw_profiles import load_profile
 from torch import nn
 
 from ompq_plugin.allocate import AllocationLayer, AllocationProblem, solve, usage
 from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import Budgets
-from ompq_plugin.fixed_layers import SHORTCUT_WEIGHT_BITS, FixedLayer, FixedLayers, fixed_layers
+from ompq_plugin.fixed_layers import FixedLayer, FixedLayers, fixed_layers, shortcut_weight_bits
 from ompq_plugin.layers import discover_layers
 from ompq_plugin.methods.build import with_fixed_layers
 from ompq_plugin.models.cifar_resnet import resnet20
@@ -26,22 +27,22 @@ def net() -> nn.Module:
 
 def test_resnet20_has_two_fixed_shortcut_convs(net):
     found = discover_layers(net, torch.randn(1, 3, 32, 32))
-    fixed = fixed_layers(net, found)
+    fixed = fixed_layers(net, found, 2)
     assert fixed.uncounted == ()
     first, second = fixed.layers
     # 16 -> 32 channels on 32x32 inputs (16x16 out); 32 -> 64 on 16x16 (8x8 out)
     assert first == FixedLayer("layer2.0.shortcut", 16 * 32, 16 * 32 * 16 * 16, 16 * 32 * 32,
-                               SHORTCUT_WEIGHT_BITS, "layer2.0.conv1")
+                               2, "layer2.0.conv1")
     assert second == FixedLayer("layer3.0.shortcut", 32 * 64, 32 * 64 * 8 * 8, 32 * 16 * 16,
-                                SHORTCUT_WEIGHT_BITS, "layer3.0.conv1")
+                                2, "layer3.0.conv1")
 
 
 def test_no_shortcut_or_no_trace_gives_nothing(net):
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
-    assert fixed_layers(plain, discover_layers(plain, torch.randn(1, 3, 32, 32))).layers == ()
+    assert fixed_layers(plain, discover_layers(plain, torch.randn(1, 3, 32, 32)), 2).layers == ()
     found = discover_layers(net, torch.randn(1, 3, 32, 32))
     untraced = dataclasses.replace(found, traced=False, graph=None)
-    assert fixed_layers(net, untraced).layers == ()
+    assert fixed_layers(net, untraced, 2).layers == ()
 
 
 def _problem(budgets: Budgets) -> AllocationProblem:
@@ -86,7 +87,7 @@ def test_search_totals_count_the_fixed_convs_within_the_budget(net, method):
     assert config.totals.bops == sum(lb.bops for lb in [*config.layers, *config.fixed_layers])
     groups = {lb.name: lb.act_bits for lb in config.layers}
     for lb in config.fixed_layers:
-        assert lb.weight_bits == SHORTCUT_WEIGHT_BITS
+        assert lb.weight_bits == 2  # the generic profile's narrowest
         assert lb.act_bits == groups[lb.name.replace("shortcut", "conv1")]
     again = BitConfig.from_json(config.to_json())
     assert again.fixed_layers == config.fixed_layers and again.totals == config.totals
@@ -107,7 +108,35 @@ def test_shortcut_whose_input_no_layer_reads_is_named_not_counted():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), ShortcutA(4, 8),
                           nn.Conv2d(8, 2, 1), nn.Flatten(), nn.Linear(2 * 16 * 16, 3)).eval()
     found = discover_layers(model, torch.randn(1, 3, 32, 32))
-    assert fixed_layers(model, found) == FixedLayers((), ("2",))
+    assert fixed_layers(model, found, 2) == FixedLayers((), ("2",))
     with pytest.warns(UserWarning, match="2: `ompq quantize` turns this shortcut"):
         config = run_search(model, torch.randn(4, 3, 32, 32), "generic").config
     assert config.fixed_layers == []
+
+
+@pytest.mark.parametrize(("profile", "width"), [("generic", 2), ("hls4ml", 2), ("finn", 2),
+                                                ("cmsis-nn", 4), ("tensorrt", 8)])
+def test_shortcut_width_is_the_targets_narrowest_and_quantize_builds_it(net, profile, width):
+    from ompq_plugin.quantizer import quantize
+
+    hw = load_profile(profile)
+    assert shortcut_weight_bits(hw) == width
+    config = run_search(net, torch.randn(8, 3, 32, 32), hw).config
+    assert {lb.weight_bits for lb in config.fixed_layers} == {width}
+    for lb in config.fixed_layers:  # never a pair the target cannot run (CMSIS-NN: no 4/16)
+        assert hw.pair_allowed(lb.weight_bits, lb.act_bits)
+    report = quantize(net, config, hw).ompq_report
+    assert {report.weight_bits[lb.name] for lb in config.fixed_layers} == {width}
+
+
+def test_quantize_names_fixed_convs_an_older_bitconfig_does_not_count(net):
+    from ompq_plugin.quantizer import quantize
+
+    config = run_search(net, torch.randn(8, 3, 32, 32), "generic").config
+    assert quantize(net, config, load_profile("generic")).ompq_report.uncounted_fixed == []
+    older = dataclasses.replace(config, fixed_layers=[])  # as written before they were counted
+    report = quantize(net, older, load_profile("generic")).ompq_report
+    assert report.uncounted_fixed == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    assert report.weight_bits["layer2.0.shortcut"] == 2  # the target's narrowest, as counted now
+    assert any("does not count the frozen shortcut convs layer2.0.shortcut, layer3.0.shortcut"
+               in line for line in report.notes())

@@ -120,8 +120,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     save_quantized(args.output, qmodel, model_name, bits, profile, meta)
     for text in qmodel.ompq_report.notes():
         print(f"ompq: note: {text}", file=sys.stderr)
-    print(f"wrote {args.output}: {len(bits.layers)} layers, average weight bits "
-          f"{bits.average_weight_bits:.2f}, profile {profile.name}")
+    fixed = len(qmodel.ompq_report.fixed_layers)
+    print(f"wrote {args.output}: {len(bits.layers)} layers"
+          + (f" (+{fixed} frozen shortcut convs)" if fixed else "")
+          + f", average weight bits {bits.average_weight_bits:.2f} (the model's layers), "
+          f"profile {profile.name}")
     return 0
 
 

@@ -218,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
                   "this beta, so the Grams were skipped (--beta > 0 or --orm-plot computes it)")
         if ends:
             lows = sum(1 for v in ends.values() if v == "min")
-            print(f"note: {len(ends)} free layers sit at an end of their allowed range "
+            layers = "free layer sits" if len(ends) == 1 else "free layers sit"
+            print(f"note: {len(ends)} {layers} at an end of their allowed range "
                   f"({lows} at the lowest width, {len(ends) - lows} at the highest): "
                   + ", ".join(f"{n}={v}" for n, v in ends.items()))
         print(f"wrote {', '.join(written)}")

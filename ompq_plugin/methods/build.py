@@ -155,12 +155,15 @@ def build_problem(
 
 
 def with_fixed_layers(
-    problem: AllocationProblem, fixed: tuple[FixedLayer, ...]
+    problem: AllocationProblem,
+    fixed: tuple[FixedLayer, ...],
+    excluded_pairs: tuple[tuple[int, int], ...] = (),
 ) -> AllocationProblem:
     """``problem`` with the convolutions ``quantize`` adds (see :mod:`ompq_plugin.fixed_layers`):
     each one a layer pinned at its weight width, right after the layer that reads the same input
-    (same act group, so the same input width), worth nothing in the objective: it only uses
-    the budgets (memory, BOPs, buffer) as it will on the target."""
+    (same act group, so the same input width; never a (weight, act) pair in the target's
+    ``excluded_pairs``), worth nothing in the objective: it only uses the budgets (memory,
+    BOPs, buffer) as it will on the target."""
     if not fixed:
         return problem
     layers = list(problem.layers)
@@ -174,6 +177,7 @@ def with_fixed_layers(
             name=extra.name, kind=FIXED_KIND, params=extra.params, macs=extra.macs,
             input_numel=extra.input_numel, act_group=reader.act_group,
             weight_choices=(extra.weight_bits,), act_choices=reader.act_choices,
+            excluded_pairs=excluded_pairs,
         ))
         coeff.insert(at, 0.0)
         if values is not None:

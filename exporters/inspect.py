@@ -201,12 +201,15 @@ def layer_macs(node: onnx.NodeProto, wshape: list[int], oshape: list[int]) -> in
 
     Conv: output elements x (C_in / group x kernel); ConvTranspose: input pixels x weight size;
     Gemm / MatMul: output elements x the reduced dimension K."""
-    if node.op_type == "MatMul" and wshape and (not oshape or any(d <= 0 for d in oshape)):
+    # the batch dimension may be symbolic (-1: a QCDQ file's dynamic batch); per-sample MACs
+    # need only the others
+    if node.op_type == "MatMul" and wshape and (not oshape or any(d <= 0 for d in oshape[1:])):
         # output shape not inferable (e.g. a Reshape fed by Shape -> Gather -> Concat): one row
         # per sample, as for a Flatten -> MatMul classifier (what qonnx's inference_cost finds
         # after folding those shapes)
         return int(np.prod(wshape))
-    if not wshape or not oshape or any(d <= 0 for d in oshape):
+    if not wshape or not oshape or any(d <= 0 for d in oshape[1:]) or (
+            len(oshape) == 1 and oshape[0] <= 0):
         return 0
     per_sample = int(np.prod(oshape[1:])) if len(oshape) > 1 else int(oshape[0])
     if node.op_type == "Conv":

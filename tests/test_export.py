@@ -230,9 +230,10 @@ def test_resnet20_export(resnet20_q, images, tmp_path, fmt):
     assert pools == ([64 * 8 * 8] if fmt == "qonnx" else [])
     for lb in bc.fixed_layers:
         r = rows[lb.name]
-        assert (r.weight_bits, r.act_bits, r.params) == (lb.weight_bits, lb.act_bits, lb.params)
-        if fmt == "qonnx":  # the QCDQ file's batch is dynamic: no output shapes, no MACs
-            assert (r.macs, r.bops) == (lb.macs, lb.bops), lb.name
+        assert (r.weight_bits, r.act_bits, r.params, r.macs, r.bops) == (
+            lb.weight_bits, lb.act_bits, lb.params, lb.macs, lb.bops), lb.name
+    for lb in bc.layers:  # per-sample MACs also from the QCDQ file (its batch is dynamic)
+        assert rows[lb.name].macs == lb.macs, lb.name
     assert sum(rows[n].size_bits for n in configured) == bc.totals.weight_memory_bits
 
 

@@ -226,3 +226,16 @@ def test_cli_search_refuses_non_positive_or_infinite_numbers(extra, tmp_path, ca
     assert main(["search", "--model", "resnet20", *extra, "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"{extra[0]} must be a positive" in err and not out.exists()
+
+
+def test_cli_uniform_says_when_it_releases_the_end_pins(tmp_path, capsys):
+    from ompq_plugin.cli import main
+
+    out = tmp_path / "u.json"
+    argv = ["search", "--model", "resnet20", "--method", "uniform", "--samples", "8",
+            "-o", str(out)]
+    assert main([*argv, "--avg-weight-bits", "4"]) == 0
+    assert "note: uniform released the first/last-layer pins (conv1 4/8, linear 4/8)" in (
+        capsys.readouterr().out)
+    assert main(argv) == 0  # no budget: the ends keep their 8/8 pins, and nothing is said
+    assert "released" not in capsys.readouterr().out

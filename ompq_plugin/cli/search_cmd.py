@@ -216,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
         if result.orm is None and config.orm_form is not None:
             print(f"note: ORM {config.orm_form}: {config.method} weights every layer equally at "
                   "this beta, so the Grams were skipped (--beta > 0 or --orm-plot computes it)")
+        released = _released_end_pins(config, profile, args)
+        if released:
+            print(f"note: uniform released the first/last-layer pins ({released}): its widest "
+                  "width fits the budget only without them (--method ompq-noise keeps them)")
         if ends:
             lows = sum(1 for v in ends.values() if v == "min")
             layers = "free layer sits" if len(ends) == 1 else "free layers sit"
@@ -224,6 +228,20 @@ def run(args: argparse.Namespace) -> int:
                   + ", ".join(f"{n}={v}" for n, v in ends.items()))
         print(f"wrote {', '.join(written)}")
     return 0
+
+
+def _released_end_pins(config: Any, profile: Any, args: argparse.Namespace) -> str:
+    """The first/last layers a ``uniform`` search moved off the profile's pinned bits (it
+    releases those pins when a uniform width cannot fit with them), as ``name W/A`` text."""
+    from ompq_plugin.layer_choices import parse_pin
+
+    if config.method != "uniform" or args.no_pin_first_last or len(config.layers) < 2:
+        return ""
+    pinned = (profile.pinned_weight_bits, profile.pinned_act_bits)
+    user = {name for name, _ in (parse_pin(p) for p in args.pin)}
+    moved = [lb for lb in (config.layers[0], config.layers[-1])
+             if lb.name not in user and (lb.weight_bits, lb.act_bits) != pinned]
+    return ", ".join(f"{lb.name} {lb.weight_bits}/{lb.act_bits}" for lb in moved)
 
 
 def _hessian_images(source: Any, spec: Any, n: int, seed: int) -> tuple[Any, Any]:

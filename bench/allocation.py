@@ -40,7 +40,7 @@ from ompq_plugin.hw_profiles import load_profile  # noqa: E402
 from ompq_plugin.budgets import Budgets  # noqa: E402
 from ompq_plugin.data import choose_samples, cifar_folder, load_cifar10, normalise  # noqa: E402
 from ompq_plugin.fileio import write_text_atomic  # noqa: E402
-from ompq_plugin.fixed_layers import fixed_layers  # noqa: E402
+from ompq_plugin.fixed_layers import fixed_layers, shortcut_weight_bits  # noqa: E402
 from ompq_plugin.layers import discover_layers  # noqa: E402
 from ompq_plugin.methods import (  # noqa: E402
     DEFAULT_ACT_WEIGHT,
@@ -141,7 +141,7 @@ def budget_of(name: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[Budge
     params = sum(lay.params for lay in found.layers)
     # the frozen shortcut convs `quantize` adds count too (ompq_plugin.fixed_layers): at their
     # fixed weight width, and in the BOPs budget at the free layers' act width
-    fixed = fixed_layers(model, found)
+    fixed = fixed_layers(model, found, shortcut_weight_bits(load_profile("generic")))
     if name.startswith("avg"):
         return Budgets(weight_memory_bits=float(name[3:]) * params + fixed.weight_memory_bits), [8]
     ends = {found.layers[0].name, found.layers[-1].name}

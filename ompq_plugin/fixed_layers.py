@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers, input_point
 
@@ -40,7 +41,8 @@ def shortcut_weight_bits(profile: HardwareProfile) -> int:
 @dataclass(frozen=True)
 class FixedLayer:
     """A convolution the quantizer adds: fixed weight width, input width shared with
-    ``reader`` (the model layer that reads the same quantized tensor); counts per sample."""
+    ``reader`` (the model layer that reads the same quantized tensor, in ``act_group``);
+    counts per sample."""
 
     name: str
     params: int
@@ -48,6 +50,13 @@ class FixedLayer:
     input_numel: int
     weight_bits: int
     reader: str
+    act_group: str
+
+    def layer_bits(self, act_bits: int) -> LayerBits:
+        """This layer as a BitConfig entry (``fixed_layers``), its input at ``act_bits``."""
+        return LayerBits(name=self.name, kind=FIXED_KIND, weight_bits=self.weight_bits,
+                         act_bits=act_bits, params=self.params, macs=self.macs,
+                         input_numel=self.input_numel, act_group=self.act_group)
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def fixed_layers(model: nn.Module, found: ModelLayers, weight_bits: int) -> Fixe
         counted.append(FixedLayer(
             name=name, params=params, macs=params * out_positions,
             input_numel=by_name[reader].input_numel, weight_bits=weight_bits,
-            reader=reader,
+            reader=reader, act_group=by_name[reader].act_group,
         ))
     return FixedLayers(tuple(counted), tuple(uncounted))
 

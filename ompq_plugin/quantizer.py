@@ -431,20 +431,14 @@ def uniform_bitconfig(
 ) -> BitConfig:
     """A BitConfig with the same bits for every layer the layer discovery finds (and the fixed
     shortcut convolutions :func:`quantize` adds, see :mod:`ompq_plugin.fixed_layers`)."""
-    from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
+    from ompq_plugin.bitconfig import LayerBits
     from ompq_plugin.fixed_layers import fixed_layers
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import discover_layers
 
     found = discover_layers(model, example_input[:1])
-    groups = {li.name: li.act_group for li in found.layers}
     width = shortcut_weight_bits(load_profile(profile_name))
-    fixed = [
-        LayerBits(name=f.name, kind=FIXED_KIND, weight_bits=f.weight_bits, act_bits=act_bits,
-                  params=f.params, macs=f.macs, input_numel=f.input_numel,
-                  act_group=groups[f.reader])
-        for f in fixed_layers(model, found, width).layers
-    ]
+    fixed = [f.layer_bits(act_bits) for f in fixed_layers(model, found, width).layers]
     layers = [
         LayerBits(
             name=li.name,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ompq_plugin import __version__
 from ompq_plugin.allocate import Allocation, AllocationProblem, solve
-from ompq_plugin.bitconfig import FIXED_KIND, BitConfig, LayerBits
+from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.device import on_device, resolve_device
 from ompq_plugin.errors import OmpqError
@@ -227,7 +227,6 @@ def run_search(
         else:
             allocation = solve(problem, time_limit_s=time_limit_s)
         timings["solve_s"] = allocation.solve_s
-        group_of = {lay.name: lay.act_group for lay in problem.layers}
         timings["total_s"] = time.perf_counter() - start_all
 
         config = BitConfig(
@@ -249,19 +248,8 @@ def run_search(
                 )
                 for i, layer in enumerate(found.layers)
             ],
-            fixed_layers=[
-                LayerBits(
-                    name=extra.name,
-                    kind=FIXED_KIND,
-                    weight_bits=allocation.weight_bits[extra.name],
-                    act_bits=allocation.act_bits[extra.name],
-                    params=extra.params,
-                    macs=extra.macs,
-                    input_numel=extra.input_numel,
-                    act_group=group_of[extra.name],
-                )
-                for extra in fixed.layers
-            ],
+            fixed_layers=[extra.layer_bits(allocation.act_bits[extra.name])
+                          for extra in fixed.layers],
             budgets=limits,
             beta=beta if method in ORM_METHODS else None,
             act_weight=act_weight if method == "ompq-noise" else None,

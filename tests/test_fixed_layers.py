@@ -10,7 +10,7 @@ from ompq_plugin.hw_profiles import load_profile
 from torch import nn
 
 from ompq_plugin.allocate import AllocationLayer, AllocationProblem, solve, usage
-from ompq_plugin.bitconfig import BitConfig
+from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
 from ompq_plugin.fixed_layers import FixedLayer, FixedLayers, fixed_layers, shortcut_weight_bits
 from ompq_plugin.layers import discover_layers
@@ -30,11 +30,15 @@ def test_resnet20_has_two_fixed_shortcut_convs(net):
     fixed = fixed_layers(net, found, 2)
     assert fixed.uncounted == ()
     first, second = fixed.layers
+    group = {layer.name: layer.act_group for layer in found.layers}
     # 16 -> 32 channels on 32x32 inputs (16x16 out); 32 -> 64 on 16x16 (8x8 out)
     assert first == FixedLayer("layer2.0.shortcut", 16 * 32, 16 * 32 * 16 * 16, 16 * 32 * 32,
-                               2, "layer2.0.conv1")
+                               2, "layer2.0.conv1", group["layer2.0.conv1"])
     assert second == FixedLayer("layer3.0.shortcut", 32 * 64, 32 * 64 * 8 * 8, 32 * 16 * 16,
-                                2, "layer3.0.conv1")
+                                2, "layer3.0.conv1", group["layer3.0.conv1"])
+    assert first.layer_bits(6) == LayerBits("layer2.0.shortcut", "fixed", 2, 6, 16 * 32,
+                                            16 * 32 * 16 * 16, 16 * 32 * 32,
+                                            group["layer2.0.conv1"])
 
 
 def test_no_shortcut_or_no_trace_gives_nothing(net):
@@ -56,7 +60,7 @@ def _problem(budgets: Budgets) -> AllocationProblem:
 
 
 def test_fixed_layer_takes_its_readers_act_width_and_uses_the_budgets():
-    extra = FixedLayer("b_short", 50, 4000, 10, 2, "b")
+    extra = FixedLayer("b_short", 50, 4000, 10, 2, "b", "g1")
     free = with_fixed_layers(_problem(Budgets()), (extra,))
     assert [lay.name for lay in free.layers] == ["a", "b", "b_short", "c"]
     assert free.pins["b_short"] == (2, None) and free.weight_coeff[2] == 0.0

@@ -45,12 +45,10 @@ class ParetoFront:
         search = replace(self.search, config=self.search.config.with_model_info(spec))
         return replace(self, search=search)
 
-    def average_weight_bits(self, point: ParetoPoint) -> float:
-        """The point's average weight width over the model's own layers (its memory also
-        counts the fixed layers ``quantize`` adds, as ``BitConfig.totals`` does)."""
-        bits = point.allocation.weight_bits
-        memory = sum(lb.params * bits[lb.name] for lb in self.search.config.layers)
-        return memory / max(self.total_params, 1)
+    def average_weight_bits(self, index: int) -> float:
+        """Point ``index``'s average weight width over the model's own layers, as its BitConfig
+        reports it (its memory also counts the fixed layers ``quantize`` adds)."""
+        return self.config_at(index).average_weight_bits
 
     def config_at(self, index: int) -> BitConfig:
         """Point ``index`` as a BitConfig (for ``quantize``): the search's own BitConfig with
@@ -113,7 +111,7 @@ class ParetoFront:
                     "budgets": p.budgets.to_json(),
                     "objective": p.allocation.objective,
                     "weight_memory_bits": p.allocation.weight_memory_bits,
-                    "avg_weight_bits": self.average_weight_bits(p),
+                    "avg_weight_bits": self.average_weight_bits(i),
                     "bops": p.allocation.bops,
                     "max_act_buffer_bits": p.allocation.max_act_buffer_bits,
                     "status": p.allocation.status,
@@ -122,7 +120,7 @@ class ParetoFront:
                     "weight_bits": p.allocation.weight_bits,
                     "act_bits": p.allocation.act_bits,
                 }
-                for p in self.points
+                for i, p in enumerate(self.points)
             ],
         }
 

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         for i, p in enumerate(front.points):
             a = p.allocation
             print(
-                f"{i:>5} {front.average_weight_bits(p):>10.3f} "
+                f"{i:>5} {front.average_weight_bits(i):>10.3f} "
                 f"{a.bops / 1e9:>10.3f} {a.objective:>12.6g} {a.status:<8} {a.solver}"
             )
         written = args.output + (f" and {len(front.points)} BitConfigs in {args.bits_dir}"

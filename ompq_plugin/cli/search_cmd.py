@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if result.orm is None and config.orm_form is not None:
             print(f"note: ORM {config.orm_form}: {config.method} weights every layer equally at "
                   "this beta, so the Grams were skipped (--beta > 0 or --orm-plot computes it)")
-        released = _released_end_pins(config, profile, args)
+        released = _released_end_pins(config, profile, choices)
         if released:
             print(f"note: uniform released the first/last-layer pins ({released}): its widest "
                   "width fits the budget only without them (--method ompq-noise keeps them)")
@@ -230,17 +230,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _released_end_pins(config: Any, profile: Any, args: argparse.Namespace) -> str:
+def _released_end_pins(config: Any, profile: Any, choices: dict[str, Any]) -> str:
     """The first/last layers a ``uniform`` search moved off the profile's pinned bits (it
-    releases those pins when a uniform width cannot fit with them), as ``name W/A`` text."""
-    from ompq_plugin.layer_choices import parse_pin
-
-    if config.method != "uniform" or args.no_pin_first_last or len(config.layers) < 2:
+    releases those pins when a uniform width cannot fit with them), as ``name W/A`` text;
+    ``choices``: the search's :func:`choice_options` (its pins parsed)."""
+    if config.method != "uniform" or not choices["pin_first_last"] or len(config.layers) < 2:
         return ""
     pinned = (profile.pinned_weight_bits, profile.pinned_act_bits)
-    user = {name for name, _ in (parse_pin(p) for p in args.pin)}
     moved = [lb for lb in (config.layers[0], config.layers[-1])
-             if lb.name not in user and (lb.weight_bits, lb.act_bits) != pinned]
+             if lb.name not in choices["pins"] and (lb.weight_bits, lb.act_bits) != pinned]
     return ", ".join(f"{lb.name} {lb.weight_bits}/{lb.act_bits}" for lb in moved)
 
 

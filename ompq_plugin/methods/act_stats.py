@@ -104,9 +104,16 @@ def _top(
         signed = not nonnegative and bool(flat.min() < 0)
         return signed, flat, flat.abs() if signed else flat
     signed, cut, hits = _peak_slices(flat, groups, j, nonnegative)
-    mags = hits.abs() if signed else hits
+    return (signed, *_reaching(hits, cut, signed))
+
+
+def _reaching(
+    values: torch.Tensor, cut: torch.Tensor | float, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, magnitudes) of the elements of ``values`` whose magnitude reaches ``cut``."""
+    mags = values.abs() if signed else values
     keep = mags >= cut
-    return signed, hits[keep], mags[keep]
+    return values[keep], mags[keep]
 
 
 def percentile_threshold(mag: torch.Tensor) -> float:
@@ -264,9 +271,7 @@ def _finish(c: _Captured) -> _Prepared:
     else:  # the top values exactly (signs kept), the rest through the spread sample
         assert c.signed is not None and c.drawn is not None
         signed = c.signed
-        mags = c.kept.abs() if signed else c.kept
-        keep = mags >= c.cut
-        top, top_mag = c.kept[keep], mags[keep]
+        top, top_mag = _reaching(c.kept, c.cut, signed)
         thr = float(top_mag.topk(c.j).values[-1])
         cut = float(top_mag.min())
         inside = (c.drawn.abs() if signed else c.drawn) < cut
@@ -341,7 +346,7 @@ def record(
     input with NaN/Inf values is not scored: the first such layer is ``non_finite`` (the caller
     names the layer that produced them). Layers in ``relu_fed`` read a ReLU's output (no negative
     value: the search of a minimum is skipped). The hooks keep a few thousand values per input
-    (:func:`prepare_input`); the errors are scored together when the block ends."""
+    (:func:`_capture`); the errors are scored together when the block ends."""
     stats = ActErrorStats()
     captured: list[_Captured] = []
     which: dict[str, int] = {}  # layer -> its entry of ``captured``

@@ -5,12 +5,12 @@ turning the feature into its Gram, and the feature is freed after its last use a
 forward pass. Peak memory is therefore one forward pass plus L Grams of N x N, never all
 features at once. An untraceable model falls back to forward hooks on the layers themselves.
 
-Precision: for the centred ORM (the default) each feature is centred over the N samples first
-and its Gram ``(Y - mean)(Y - mean)^T`` is formed in float32, then stored in float64. Centring
-first removes the shared mean that dominates post-ReLU features, so float32 loses nothing that
-matters: the largest ORM difference against float64 is recorded per model in
-``bench/results/search_speed.json`` (below 1e-6 on ResNet-20/56, MobileNetV2 and ResNet-50).
-The uncentred ORM keeps the float64 Gram of the raw features.
+Precision: for the centred ORM (the default) each feature's Gram is formed in float32 and
+centred over the N samples (:func:`centred_gram`: after the product while the shared mean does
+not dominate the features, before it otherwise), then stored in float64: the largest ORM
+difference against float64 is recorded per model in ``bench/results/search_speed.json`` (below
+1e-6 on ResNet-20/56, MobileNetV2 and ResNet-50). The uncentred ORM keeps the float64 Gram of
+the raw features.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_MIN_ELEMENTS = 1 << 19
 _ONEDNN_MIN_ROWS = 24
 _ONEDNN_MAX_COLUMNS = 1 << 17
+# A centred Gram is formed from the raw features' product while their energy is at most this
+# multiple of their spread's (float32 error grows with it; see centred_gram)
+_MAX_MEAN_SHARE = 32.0
 
 
 @dataclass
@@ -115,9 +118,14 @@ def centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Float64 copy of the float32 Gram of (N, ...) features centred over the N samples.
 
     Returns ``(gram, all_zero)``, ``all_zero`` telling whether the raw features were all zero
-    (the centred Gram alone cannot tell zero from constant features). Columns are centred a
-    bounded slice at a time (the centred copy stays under ~32 MiB, at most 2^17 columns); each
-    slice's product is :func:`_float32_gram`.
+    (the centred Gram alone cannot tell zero from constant features). The float32 product
+    (:func:`_float32_gram`, at most 2^17 columns a slice) runs on the raw features and its N x N
+    result is centred afterwards (``H G H``: the column means enter only through ``G 1 / N``),
+    so no centred copy of the features is made (less Gram time than centring the columns first
+    on every benchmark model: ``bench/gram_kernels.py``; the ORM's float32 error per model is in
+    ``bench/results/search_speed.json``). Centring afterwards loses float32 digits in proportion
+    to ``tr(G) / tr(H G H)``, the features' energy over that of their spread; past
+    ``_MAX_MEAN_SHARE`` the columns are centred first.
     """
     y = features.detach().reshape(features.shape[0], -1)
     if y.dtype != torch.float32:
@@ -126,18 +134,33 @@ def centred_gram(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
         all_zero = not bool(y.any())
         y = y - y.mean(dim=0)
         return (y @ y.T).double().cpu(), all_zero
-    y = y.numpy()  # numpy's column means: ~1.8x faster than torch's for these shapes
+    y = y.numpy()
+    raw = _sliced_gram(y, centre_first=False)
+    g = _double_centred(raw)
+    if np.trace(raw) > _MAX_MEAN_SHARE * np.trace(g):  # the mean dominates (or constant columns)
+        g = _sliced_gram(y, centre_first=True)
+    return torch.from_numpy(g), not np.diagonal(raw).any()
+
+
+def _sliced_gram(y: np.ndarray, centre_first: bool) -> np.ndarray:
+    """Float64 sum of the float32 Grams of ``y``'s column slices (each slice's columns centred
+    over the rows first when ``centre_first``; numpy's column means: ~1.8x faster than torch's
+    for these shapes)."""
     n, d = y.shape
     step = max(1, min(_CHUNK_ELEMENTS // max(n, 1), _ONEDNN_MAX_COLUMNS))
     g = np.zeros((n, n), dtype=np.float64)
-    all_zero = True
     for start in range(0, d, step):
         block = y[:, start : start + step]
-        mean = block.mean(axis=0)
-        all_zero = all_zero and not mean.any()
-        g += _float32_gram(torch.from_numpy(block - mean))
-    # zero column means and a zero centred Gram: the raw features themselves were all zero
-    return torch.from_numpy(g), all_zero and not np.diagonal(g).any()
+        if centre_first:
+            block = block - block.mean(axis=0)
+        g += _float32_gram(torch.from_numpy(np.ascontiguousarray(block)))
+    return g
+
+
+def _double_centred(g: np.ndarray) -> np.ndarray:
+    """``H G H`` with ``H = I - 11^T / N``: the Gram of the columns centred over the rows."""
+    row_means = g.mean(axis=0)
+    return g - row_means[:, None] - row_means[None, :] + row_means.mean()
 
 
 def _float32_gram(block: torch.Tensor) -> np.ndarray:

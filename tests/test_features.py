@@ -1,5 +1,7 @@
 """Streaming features into Grams: same numbers as materialising every feature."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -91,24 +93,46 @@ def test_models_reading_their_own_top_level_tensors_stream_too():
     torch.testing.assert_close(g, f @ f.T)
 
 
-def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch):
-    torch.manual_seed(1)
-    y = torch.relu(torch.randn(7, 5, 6, 6)) + 3.0  # post-ReLU-like: a large shared mean
-    flat = y.reshape(7, -1).double()
+def _centred64(y: torch.Tensor) -> torch.Tensor:
+    flat = y.reshape(y.shape[0], -1).double()
     flat = flat - flat.mean(dim=0)
+    return flat @ flat.T
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0])  # post-ReLU-like; a large shared mean on top
+def test_centred_float32_gram_equals_centred_float64_gram(monkeypatch, offset):
+    torch.manual_seed(1)
+    y = torch.relu(torch.randn(7, 5, 6, 6)) + offset
     monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 7 * 16)  # 16 columns per slice
     g, all_zero = features.centred_gram(y)
     assert g.dtype == torch.float64 and not all_zero
-    torch.testing.assert_close(g, flat @ flat.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, _centred64(y), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 1 << 20)
     monkeypatch.setattr(features, "_ONEDNN_MAX_COLUMNS", 50)  # slices of 50 columns, not 1e5
     sizes = []
     real = features._float32_gram
     monkeypatch.setattr(features, "_float32_gram", lambda b: sizes.append(b.shape[1]) or real(b))
-    torch.testing.assert_close(features.centred_gram(y)[0], flat @ flat.T, rtol=1e-5, atol=1e-5)
-    assert sizes == [50, 50, 50, 30]
+    torch.testing.assert_close(features.centred_gram(y)[0], _centred64(y), rtol=1e-5, atol=1e-5)
+    # one product of the raw slices; the mean of the offset features holds ~35x the energy of
+    # their spread (above _MAX_MEAN_SHARE): the centred slices' product follows
+    assert sizes == [50, 50, 50, 30] * (2 if offset else 1)
+
+
+def test_centred_gram_centres_first_where_the_mean_would_swamp_float32(monkeypatch):
+    torch.manual_seed(2)
+    y = torch.relu(torch.randn(8, 4000)) + 1000.0  # the mean holds ~3e6 x the spread's energy
+    exact = _centred64(y)
+    g, _ = features.centred_gram(y)
+    torch.testing.assert_close(g, exact, rtol=1e-5, atol=1e-3)
+    monkeypatch.setattr(features, "_MAX_MEAN_SHARE", math.inf)  # always centre after
+    after, _ = features.centred_gram(y)
+    assert (after - exact).abs().max() > 100 * (g - exact).abs().max()
+
+
+def test_centred_gram_tells_zero_from_constant_features():
     assert features.centred_gram(torch.zeros(3, 4))[1]
-    assert not features.centred_gram(torch.ones(3, 4))[1]  # constant, not zero
+    g, all_zero = features.centred_gram(torch.ones(3, 4))  # constant, not zero
+    assert not all_zero and not g.numpy().any()
     assert not features.centred_gram(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))[1]  # zero mean
 
 

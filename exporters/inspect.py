@@ -151,7 +151,7 @@ def inspect_model(model: onnx.ModelProto, path: str = "<model>") -> InspectTable
         macs = layer_macs(node, wshape, oshape)
         wbits, wlabel = weight_bits(g, node)
         abits, note = act_bits(g, node.input[0])
-        name = meta.get("layer") or node.name or f"{node.op_type}#{index}"
+        name = meta.get("layer") or meta.get("module") or node.name or f"{node.op_type}#{index}"
         wb = wbits if wbits is not None else FLOAT_BITS
         ab = abits if abits is not None else FLOAT_BITS
         rows.append(LayerRow(

@@ -289,6 +289,7 @@ def export_qonnx(
         raw = brevitas_export(brevitas_qonnx, qmodel, images[:1])
         t_export = time.perf_counter()
         annotate(raw, map_layers(raw, qmodel, images[:1]), expected)
+        T.name_global_pools(raw)
         target = target or T.target_for_profile(bits.profile if bits is not None else None)
         if target not in T.TARGETS:
             raise OmpqError(f"unknown export target {target!r}; use one of "

@@ -5,7 +5,8 @@ documented flow takes the file as it is (no rewrite by the user, none hidden in 
   (qonnx's ``ExtractBiasFromConv``, run by FINN's ``step_qonnx_to_finn``, reshapes any parameter
   whose shape is not ``(1,)`` to ``(1, C, 1, 1)`` and fails on a 0-d one);
 * ``hls4ml``: a ``GlobalAveragePool`` over H x W = 2^k pixels becomes the equivalent depthwise
-  ``Conv`` (kernel H x W, every weight 1 = ``Quant(1, scale 2^-k, 2 bits)``). qonnx's
+  ``Conv`` (kernel H x W, every weight 1 = ``Quant(1, scale 2^-k, 2 bits)``; a search on the
+  hls4ml profile counts it in the budgets, ``ompq_plugin.fixed_layers``). qonnx's
   ``ConvertToChannelsLastAndClean`` has no channels-last GlobalAveragePool and leaves a
   ``Transpose`` in front of it, which hls4ml's io_stream code mis-reads (wrong sums, or a crash
   with ``Illegal instruction``); a Conv goes channels-last and hls4ml sizes its accumulator
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ompq_plugin.fixed_layers import POOL_WEIGHT_BITS
 
 from . import verify as V
 from .graph_session import GraphSession
@@ -90,7 +93,9 @@ def global_pools_as_depthwise(model: onnx.ModelProto) -> list[str]:
                 numpy_helper.from_array(np.ones((c, 1, h, w), np.float32), base),
                 numpy_helper.from_array(np.array([2.0**-k], np.float32), f"{base}_scale"),
                 numpy_helper.from_array(np.array([0.0], np.float32), f"{base}_zeropt"),
-                numpy_helper.from_array(np.array(2.0, np.float32), f"{base}_bitwidth"),
+                numpy_helper.from_array(
+                    np.array(float(POOL_WEIGHT_BITS), np.float32), f"{base}_bitwidth"
+                ),
             ]
         )
         quant = helper.make_node(
@@ -114,14 +119,30 @@ def global_pools_as_depthwise(model: onnx.ModelProto) -> list[str]:
             strides=[1, 1],
             dilations=[1, 1],
         )
-        V.set_node_meta(conv, role="pool", pool=f"global average over {h}x{w}")
-        V.set_node_meta(quant, role="pool_weight", bits=2)
+        V.set_node_meta(conv, role="pool", pool=f"global average over {h}x{w}",
+                        module=V.node_meta(gap).get("module"))
+        V.set_node_meta(quant, role="pool_weight", bits=POOL_WEIGHT_BITS)
         index = list(graph.node).index(gap)
         graph.node.remove(gap)
         graph.node.insert(index, conv)
         graph.node.insert(index, quant)
         done.append(conv.name)
     return done
+
+
+def name_global_pools(model: onnx.ModelProto) -> list[str]:
+    """Annotate each ``GlobalAveragePool`` of a raw TorchScript export (node names still scoped:
+    ``/layer4/pool/GlobalAveragePool``) with the torch module it came from (``ompq.module`` =
+    ``layer4.pool``: the name a search on the hls4ml profile gives its pool conv, and the name
+    ``ompq inspect`` shows; not ``ompq.layer``, which marks the model's quantized layers); in place, before qonnx's cleanup
+    renames the nodes. A functional pool (no module scope) gets none. Returns the names."""
+    named = []
+    for node in model.graph.node:
+        scope = node.name.strip("/").split("/")[:-1]
+        if node.op_type == "GlobalAveragePool" and scope:
+            V.set_node_meta(node, module=".".join(scope))
+            named.append(".".join(scope))
+    return named
 
 
 def input_precision(model: onnx.ModelProto) -> str | None:

@@ -11,6 +11,11 @@ the layers reading the same tensor (the block's first convolution). :func:`fixed
 these convolutions so that the search counts them in the budgets: the exported file, not only
 the model's own layers, stays within them.
 
+The hls4ml export adds one more kind (``exporters/targets.py``): a global average pool over
+H x W = 2^k pixels becomes a depthwise H x W convolution with ``POOL_WEIGHT_BITS``-bit weights
+(C x H x W of them, C x H x W MACs) reading the quantized tensor the layer after the pool
+reads. :func:`hls4ml_pool_layers` lists those for a search on the hls4ml profile.
+
 Contract: input a float model and its :class:`~ompq_plugin.layers.ModelLayers` (traced); output
 one :class:`FixedLayer` per ``ShortcutA`` the forward pass calls whose input a quantizable
 layer also reads, in the order of the model's modules. A shortcut whose input no quantizable
@@ -24,11 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers, input_point
+
+POOL_WEIGHT_BITS = 2  # the hls4ml export's pool weights: 1 = 2^k x scale 2^-k, exact at 2 bits
+POOLS_AS_CONVS = ("hls4ml",)  # the export targets that turn global average pools into convs
 
 
 def shortcut_weight_bits(profile: HardwareProfile) -> int:
@@ -65,12 +74,22 @@ class FixedLayers:
 
     layers: tuple[FixedLayer, ...] = ()
     uncounted: tuple[str, ...] = field(default_factory=tuple)
+    uncounted_pools: tuple[str, ...] = field(default_factory=tuple)  # size unknown to the search
 
     @property
     def weight_memory_bits(self) -> int:
         """What the fixed layers add to a weight-memory budget given as average bits of the
         model's own layers (``--avg-weight-bits``): the average is the model's, this is extra."""
         return sum(f.params * f.weight_bits for f in self.layers)
+
+
+def added_layers(model: nn.Module, found: ModelLayers, profile: HardwareProfile) -> FixedLayers:
+    """Every layer the quantizer and ``profile``'s export add to ``model``: the shortcut
+    convolutions (:func:`fixed_layers`) and the pools the export turns into convolutions
+    (:func:`hls4ml_pool_layers`, when the profile is hls4ml's)."""
+    shortcuts = fixed_layers(model, found, shortcut_weight_bits(profile))
+    pools = hls4ml_pool_layers(model, found, profile.name)
+    return FixedLayers(shortcuts.layers + pools.layers, shortcuts.uncounted, pools.uncounted_pools)
 
 
 def fixed_layers(model: nn.Module, found: ModelLayers, weight_bits: int) -> FixedLayers:
@@ -131,3 +150,56 @@ def _through(arg: object, owned: set[torch.fx.Node], modules: dict[str, nn.Modul
         first = node.args[0] if node.args else None
         node = first if isinstance(first, torch.fx.Node) else None
     return node is not None
+
+
+def hls4ml_pool_layers(model: nn.Module, found: ModelLayers, target: str) -> FixedLayers:
+    """The depthwise convolutions the ``target``'s export makes of global average pools (only
+    hls4ml's, see the module doc): one per ``AdaptiveAvgPool2d(1)`` module or
+    ``F.adaptive_avg_pool2d(x, 1)`` call over 2^k pixels whose output a quantizable layer reads.
+    The pool's input shape is the output shape of the layer whose feature it is (the block
+    output of a ResNet); a pool reading anything else is in ``uncounted_pools``."""
+    if target not in POOLS_AS_CONVS or found.graph is None:
+        return FixedLayers()
+    modules = dict(model.named_modules())
+    shape_of = {layer.feature_node: layer.output_shape for layer in found.layers}
+    layer_nodes = [n for n in found.graph.nodes
+                   if n.op == "call_module" and str(n.target) in set(found.names)]
+    by_name = {layer.name: layer for layer in found.layers}
+    counted, uncounted = [], []
+    for pool in found.graph.nodes:
+        if not _is_global_average_pool(pool, modules) or not isinstance(pool.args[0], torch.fx.Node):
+            continue
+        reader = next((str(n.target) for n in layer_nodes
+                       if n.args and _through(n.args[0], {pool}, modules)), None)
+        if reader is None:  # no quantized layer reads it: the pool's input is not on a grid
+            continue
+        shape = shape_of.get(pool.args[0].name)
+        if shape is None or len(shape) != 3:
+            uncounted.append(str(pool.target) if pool.op == "call_module" else pool.name)
+            continue
+        channels, height, width = shape
+        pixels = height * width
+        if pixels & (pixels - 1):  # not a power of two: the export keeps the pool
+            continue
+        size = channels * pixels
+        counted.append(FixedLayer(
+            name=str(pool.target) if pool.op == "call_module" else pool.name, params=size,
+            macs=size, input_numel=size, weight_bits=POOL_WEIGHT_BITS, reader=reader,
+            act_group=by_name[reader].act_group,
+        ))
+    return FixedLayers(tuple(counted), uncounted_pools=tuple(uncounted))
+
+
+def _is_global_average_pool(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An average pool to 1 x 1 that the ONNX export writes as ``GlobalAveragePool``."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return isinstance(module, nn.AdaptiveAvgPool2d) and _one_by_one(module.output_size)
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+        return _one_by_one(size)
+    return False
+
+
+def _one_by_one(size: object) -> bool:
+    return size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))

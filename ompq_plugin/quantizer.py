@@ -430,15 +430,15 @@ def uniform_bitconfig(
     profile_name: str = "generic",
 ) -> BitConfig:
     """A BitConfig with the same bits for every layer the layer discovery finds (and the fixed
-    shortcut convolutions :func:`quantize` adds, see :mod:`ompq_plugin.fixed_layers`)."""
+    layers :func:`quantize` and the profile's export add, see :mod:`ompq_plugin.fixed_layers`)."""
     from ompq_plugin.bitconfig import LayerBits
-    from ompq_plugin.fixed_layers import fixed_layers
+    from ompq_plugin.fixed_layers import added_layers
     from ompq_plugin.hw_profiles import load_profile
     from ompq_plugin.layers import discover_layers
 
     found = discover_layers(model, example_input[:1])
-    width = shortcut_weight_bits(load_profile(profile_name))
-    fixed = [f.layer_bits(act_bits) for f in fixed_layers(model, found, width).layers]
+    fixed = [f.layer_bits(act_bits)
+             for f in added_layers(model, found, load_profile(profile_name)).layers]
     layers = [
         LayerBits(
             name=li.name,

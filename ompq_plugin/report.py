@@ -55,9 +55,10 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
     float_kib = config.total_params * 32 / KIB_BITS
     used_kib = max(t.weight_memory_bits, 1) / KIB_BITS
     fixed = config.fixed_layers
+    widths = "/".join(str(b) for b in sorted({lb.weight_bits for lb in fixed}))
     extra = [(
-        "of which: convs quantize adds",
-        f"{len(fixed)} shortcuts at {fixed[0].weight_bits} bit: "
+        "of which: convs quantize / export add",
+        f"{', '.join(lb.name for lb in fixed)} at {widths} bit: "
         f"{sum(lb.weight_memory_bits for lb in fixed) / KIB_BITS:.2f} KiB, "
         f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs",
         "counted",

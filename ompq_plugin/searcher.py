@@ -25,7 +25,7 @@ from ompq_plugin.budgets import Budgets
 from ompq_plugin.device import on_device, resolve_device
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.features import WidthsFor, discover_and_stream
-from ompq_plugin.fixed_layers import fixed_layers, shortcut_weight_bits
+from ompq_plugin.fixed_layers import added_layers
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
@@ -177,7 +177,7 @@ def run_search(
             found = discover_layers(model, samples[:1])
         if not allow_unsupported:
             found.require_supported()
-        fixed = fixed_layers(model, found, shortcut_weight_bits(hw))
+        fixed = added_layers(model, found, hw)
         if avg_weight_bits is not None:
             if not avg_weight_bits > 0:
                 raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
@@ -217,6 +217,12 @@ def run_search(
             warnings.warn(
                 f"{name}: `ompq quantize` turns this shortcut into a 1x1 convolution that no "
                 "budget counts (no quantized layer reads its input)",
+                stacklevel=2,
+            )
+        for name in fixed.uncounted_pools:
+            warnings.warn(
+                f"{name}: the {hw.name} export turns this average pool into a depthwise "
+                "convolution that no budget counts (its input size is unknown to the search)",
                 stacklevel=2,
             )
         problem = with_fixed_layers(problem, fixed.layers, hw.excluded_pairs)

@@ -12,7 +12,15 @@ from torch import nn
 from ompq_plugin.allocate import AllocationLayer, AllocationProblem, solve, usage
 from ompq_plugin.bitconfig import BitConfig, LayerBits
 from ompq_plugin.budgets import Budgets
-from ompq_plugin.fixed_layers import FixedLayer, FixedLayers, fixed_layers, shortcut_weight_bits
+from ompq_plugin.fixed_layers import (
+    POOL_WEIGHT_BITS,
+    FixedLayer,
+    FixedLayers,
+    added_layers,
+    fixed_layers,
+    hls4ml_pool_layers,
+    shortcut_weight_bits,
+)
 from ompq_plugin.layers import discover_layers
 from ompq_plugin.methods.build import with_fixed_layers
 from ompq_plugin.models.cifar_resnet import resnet20
@@ -130,7 +138,9 @@ def test_shortcut_width_is_the_targets_narrowest_and_quantize_builds_it(net, pro
     for lb in config.fixed_layers:  # never a pair the target cannot run (CMSIS-NN: no 4/16)
         assert hw.pair_allowed(lb.weight_bits, lb.act_bits)
     report = quantize(net, config, hw).ompq_report
-    assert {report.weight_bits[lb.name] for lb in config.fixed_layers} == {width}
+    shortcuts = [lb.name for lb in config.fixed_layers if lb.name.endswith("shortcut")]
+    assert shortcuts == report.fixed_layers == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    assert {report.weight_bits[name] for name in shortcuts} == {width}
 
 
 def test_quantize_names_fixed_convs_an_older_bitconfig_does_not_count(net):
@@ -144,3 +154,67 @@ def test_quantize_names_fixed_convs_an_older_bitconfig_does_not_count(net):
     assert report.weight_bits["layer2.0.shortcut"] == 2  # the target's narrowest, as counted now
     assert any("does not count the frozen shortcut convs layer2.0.shortcut, layer3.0.shortcut"
                in line for line in report.notes())
+
+
+def test_hls4ml_pool_conv_is_counted_on_the_hls4ml_profile_only(net):
+    found = discover_layers(net, torch.randn(1, 3, 32, 32))
+    group = {layer.name: layer.act_group for layer in found.layers}
+    pool = FixedLayer("pool", 64 * 8 * 8, 64 * 8 * 8, 64 * 8 * 8, POOL_WEIGHT_BITS, "linear",
+                      group["linear"])
+    assert hls4ml_pool_layers(net, found, "hls4ml") == FixedLayers((pool,))
+    for target in ("generic", "finn", "tensorrt"):
+        assert hls4ml_pool_layers(net, found, target) == FixedLayers()
+    both = added_layers(net, found, load_profile("hls4ml"))
+    assert [f.name for f in both.layers] == ["layer2.0.shortcut", "layer3.0.shortcut", "pool"]
+    assert [f.name for f in added_layers(net, found, load_profile("finn")).layers] == [
+        "layer2.0.shortcut", "layer3.0.shortcut"]
+
+
+class _FunctionalPool(nn.Module):
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, (1, 1)), 1))
+
+
+@pytest.mark.parametrize(("side", "counted"), [(8, True), (6, False)])  # 64 / 36 pixels
+def test_functional_global_pool_over_power_of_two_pixels_is_counted(side, counted):
+    model = _FunctionalPool(side).eval()
+    found = discover_layers(model, torch.randn(1, 3, side, side))
+    pools = hls4ml_pool_layers(model, found, "hls4ml")
+    assert [(f.params, f.reader) for f in pools.layers] == ([(4 * 64, "fc")] if counted else [])
+
+
+def test_pool_of_a_tensor_no_layer_feature_gives_is_named_not_counted():
+    class Summed(_FunctionalPool):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            pooled = torch.nn.functional.adaptive_avg_pool2d(y + y.flip(2), 1)
+            return self.fc(torch.flatten(pooled, 1))
+
+    model = Summed(8).eval()
+    found = discover_layers(model, torch.randn(1, 3, 8, 8))
+    assert hls4ml_pool_layers(model, found, "hls4ml") == FixedLayers(
+        uncounted_pools=("adaptive_avg_pool2d",))
+    with pytest.warns(UserWarning, match="adaptive_avg_pool2d: the hls4ml export turns"):
+        run_search(model, torch.randn(4, 3, 8, 8), "hls4ml")
+
+
+def test_hls4ml_search_keeps_the_file_within_the_memory_budget(net):
+    x = torch.randn(8, 3, 32, 32)
+    hw = load_profile("hls4ml")
+    free = run_search(net, x, hw).config
+    assert [lb.name for lb in free.fixed_layers][-1] == "pool"
+    budget = 0.7 * free.totals.weight_memory_bits
+    config = run_search(net, x, hw, Budgets(weight_memory_bits=budget)).config
+    pool = config.fixed_layers[-1]
+    assert pool.weight_memory_bits == 64 * 8 * 8 * POOL_WEIGHT_BITS
+    assert pool.act_bits == config.by_name()["linear"].act_bits
+    assert config.totals.weight_memory_bits <= budget
+    assert config.totals.weight_memory_bits == sum(
+        lb.weight_memory_bits for lb in [*config.layers, *config.fixed_layers])

@@ -91,7 +91,7 @@ def check_feasible(problem: AllocationProblem, prep: Prepared) -> None:
                     if lay.kind == FIXED_KIND)
         need = (low_memory - fixed) / max(total_params, 1)
         avg = f" (or --avg-weight-bits to at least {_fmt_up(need)})"
-        extra = f", incl. {fixed} bits of fixed shortcut convs" if fixed else ""
+        extra = f", incl. {fixed} bits of the fixed convs quantize / export add" if fixed else ""
         raise InfeasibleBudgetError(
             f"weight memory budget {_fmt(limits[0] / KIB_BITS)} KiB is infeasible: the smallest "
             f"achievable is {_fmt_up(low_memory / KIB_BITS)} KiB ({low_memory} bits; {how}"

@@ -79,8 +79,14 @@ class FixedLayers:
     @property
     def weight_memory_bits(self) -> int:
         """What the fixed layers add to a weight-memory budget given as average bits of the
-        model's own layers (``--avg-weight-bits``): the average is the model's, this is extra."""
+        model's own layers (``--avg-weight-bits``, :func:`average_bits_memory`)."""
         return sum(f.params * f.weight_bits for f in self.layers)
+
+
+def average_bits_memory(avg_weight_bits: float, model_params: int, fixed_bits: int) -> float:
+    """The weight-memory budget ``--avg-weight-bits`` stands for: the average over the model's
+    own ``model_params`` weights, with the fixed layers' ``fixed_bits`` of memory on top."""
+    return avg_weight_bits * model_params + fixed_bits
 
 
 def added_layers(model: nn.Module, found: ModelLayers, profile: HardwareProfile) -> FixedLayers:

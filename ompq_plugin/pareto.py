@@ -23,6 +23,7 @@ from ompq_plugin.bitconfig import BitConfig
 from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.fileio import write_text_atomic
+from ompq_plugin.fixed_layers import average_bits_memory
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.searcher import SearchResult, run_search
@@ -167,9 +168,11 @@ def pareto_front(
         raise OmpqError("internal error: the search returned no problem to sweep")
     if avg_weight_bits is not None:
         params = result.layers.total_params
-        fixed = sum(lb.weight_memory_bits for lb in result.config.fixed_layers)  # as the search
-        low = replace(low, weight_memory_bits=avg_weight_bits[0] * params + fixed)
-        high = replace(high, weight_memory_bits=avg_weight_bits[1] * params + fixed)
+        fixed = sum(lb.weight_memory_bits for lb in result.config.fixed_layers)
+        low = replace(low, weight_memory_bits=average_bits_memory(avg_weight_bits[0], params,
+                                                                  fixed))
+        high = replace(high, weight_memory_bits=average_bits_memory(avg_weight_bits[1], params,
+                                                                    fixed))
     line = budget_line(hw.budgets.merged(low), hw.budgets.merged(high), points)
     start = time.perf_counter()
     front = sweep(result.problem, line, time_limit_s)

@@ -25,7 +25,7 @@ from ompq_plugin.budgets import Budgets
 from ompq_plugin.device import on_device, resolve_device
 from ompq_plugin.errors import OmpqError
 from ompq_plugin.features import WidthsFor, discover_and_stream
-from ompq_plugin.fixed_layers import added_layers
+from ompq_plugin.fixed_layers import added_layers, average_bits_memory
 from ompq_plugin.hw_profiles import load_profile
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.importance import IMPORTANCE_FUNCTIONS, gamma_from_orm, importance
@@ -181,7 +181,8 @@ def run_search(
         if avg_weight_bits is not None:
             if not avg_weight_bits > 0:
                 raise OmpqError(f"--avg-weight-bits must be positive, got {avg_weight_bits}")
-            memory = avg_weight_bits * found.total_params + fixed.weight_memory_bits
+            memory = average_bits_memory(avg_weight_bits, found.total_params,
+                                         fixed.weight_memory_bits)
             limits = limits.merged(Budgets(weight_memory_bits=memory))
         pin_map = pins_for(found, hw, pins or {}, pin_first_last)
         alloc_layers = tuple(

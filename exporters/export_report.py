@@ -50,6 +50,8 @@ class ExportReport:
     top1_agree: int | None = None  # images whose top-1 class is the same in torch and the graph
     target: str = "generic"  # the compiler the graph was shaped for (exporters.targets)
     hls4ml_config: Path | None = None  # hls4ml config entries written beside the file
+    # pools the target's export made convolutions of that the BitConfig does not count
+    uncounted_pool_convs: list[str] = field(default_factory=list)
 
     @property
     def bits(self) -> dict[str, tuple[int | None, int | None]]:
@@ -66,6 +68,11 @@ class ExportReport:
         if self.hls4ml_config is not None:
             lines.append(f"wrote {self.hls4ml_config} (hls4ml config entries for this file; "
                          "see README: hls4ml)")
+        if self.uncounted_pool_convs:
+            lines.append(f"note: this {self.target} file holds average pools as depthwise convs "
+                         "that the BitConfig's totals do not count: "
+                         f"{', '.join(self.uncounted_pool_convs)}; search with --profile "
+                         f"{self.target} to count them in the budgets")
         if self.hls4ml is not None:
             lines.append(self.hls4ml.summary())
         return "\n".join(lines)

@@ -304,6 +304,8 @@ def export_qonnx(
         quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
         if any(v for k, v in prepared.items() if k not in quiet):
             model = qonnx_cleanup(model)
+        counted = {lb.name for lb in bits.fixed_layers} if bits is not None else set()
+        uncounted = T.uncounted_pool_convs(model, counted)
         t_clean = time.perf_counter()
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
         t_verify = time.perf_counter()
@@ -325,7 +327,7 @@ def export_qonnx(
         qmodel.train(was_training)
     return ExportReport(
         path=written, format="qonnx", layers=ver.layers, node_map=node_map,
-        target=target, hls4ml_config=config_path,
+        target=target, hls4ml_config=config_path, uncounted_pool_convs=uncounted,
         runtime=ver.runtime, verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "cleanup": t_clean - t_export,
                  "verify": t_verify - t_clean, "total": time.perf_counter() - t0},

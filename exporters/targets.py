@@ -145,6 +145,21 @@ def name_global_pools(model: onnx.ModelProto) -> list[str]:
     return named
 
 
+def uncounted_pool_convs(model: onnx.ModelProto, counted: set[str]) -> list[str]:
+    """The pool convolutions of the graph (:func:`global_pools_as_depthwise`) whose module is
+    not in ``counted`` (a BitConfig's fixed layers), each as ``"name (N bits)"``: the memory the
+    file holds beyond the BitConfig's totals."""
+    g = V.Graph(model)
+    out = []
+    for node in g.graph.node:
+        meta = V.node_meta(node)
+        if meta.get("role") != "pool" or meta.get("module") in counted:
+            continue
+        size = int(np.prod(g.shape(node.input[1]) or [0])) * POOL_WEIGHT_BITS
+        out.append(f"{meta.get('module') or node.name} ({size} bits)")
+    return out
+
+
 def input_precision(model: onnx.ModelProto) -> str | None:
     """hls4ml type for the network input that rounds every float32 input exactly as the first
     Quant does (see the module docstring); None when the input is not read by one Quant."""

@@ -46,6 +46,14 @@ def test_hls4ml_target_pool_as_depthwise_conv_and_config(exported):
     assert rep.bits["linear"] == (6, 5)
 
 
+def test_hls4ml_export_names_the_pool_conv_its_bitconfig_does_not_count(exported):
+    reports, _ = exported
+    # the hand-made BitConfig lists no fixed layers: the 16-channel 16x16 pool conv is extra
+    assert reports["hls4ml"].uncounted_pool_convs == [f"pool ({16 * 16 * 16 * 2} bits)"]
+    assert "search with --profile hls4ml to count them" in reports["hls4ml"].summary()
+    assert reports["finn"].uncounted_pool_convs == []  # FINN keeps the pool
+
+
 def test_finn_target_keeps_pool_and_no_config(exported):
     rep = exported[0]["finn"]
     model = onnx.load(str(rep.path))

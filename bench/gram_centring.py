@@ -20,16 +20,14 @@ Writes bench/results/gram_centring.json (a row per model as it finishes). Run:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from architectures import code_version
+from run_record import measure_models
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gram_centring.json"
 MODELS = [("resnet20", 64, 9), ("resnet56", 64, 9), ("mobilenetv2", 32, 3), ("resnet50", 64, 2)]
@@ -101,20 +99,9 @@ def measure(model_name: str, n: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    results = {
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "code": code_version(),
-        "machine": {"cpu_threads": 1, "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "numpy": np.__version__,
-                    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
-        "models": [],
-    }
-    for model_name, n, rounds in MODELS:
-        results["models"].append(measure(model_name, n, rounds))
-        print(json.dumps(results["models"][-1]), flush=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    machine = {"processor": platform.processor() or platform.machine(), "numpy": np.__version__,
+               "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+    measure_models(RESULTS, machine, MODELS, measure)
 
 
 if __name__ == "__main__":

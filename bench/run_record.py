@@ -10,9 +10,12 @@ those at the call.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from architectures import code_version
@@ -54,3 +57,25 @@ class RunRecord:
             "wall_seconds": round(time.perf_counter() - self.wall0, 1),
             "cpu_seconds": round(_cpu_seconds() - self.cpu0, 1),
         }
+
+
+def measure_models(
+    path: Path, machine: dict[str, Any], models: list[tuple[Any, ...]],
+    measure: Callable[..., dict[str, Any]],
+) -> None:
+    """``measure(*spec)`` for each spec of ``models``, one thread; ``path`` (re)written after
+    each row (``measured``, ``code``, ``machine``, ``models``: the rows so far)."""
+    import torch
+
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "code": code_version(),
+        "machine": {"cpu_threads": 1, "torch": torch.__version__} | machine,
+        "models": [],
+    }
+    for spec in models:
+        results["models"].append(measure(*spec))
+        print(json.dumps(results["models"][-1]), flush=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")

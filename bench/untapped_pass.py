@@ -14,14 +14,13 @@ Writes bench/results/untapped_pass.json (a row per model as it finishes). Run:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from architectures import code_version
+from run_record import measure_models
 
 RESULTS = Path(__file__).resolve().parent / "results" / "untapped_pass.json"
 MODELS = [("resnet20", 64, 40), ("resnet56", 64, 20), ("mobilenetv2", 32, 8)]
@@ -69,18 +68,7 @@ def measure(model_name: str, n: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    results = {
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "code": code_version(),
-        "machine": {"cpu_threads": 1, "torch": torch.__version__},
-        "models": [],
-    }
-    for model_name, n, rounds in MODELS:
-        results["models"].append(measure(model_name, n, rounds))
-        print(json.dumps(results["models"][-1]), flush=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    measure_models(RESULTS, {}, MODELS, measure)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,9 @@ def name_global_pools(model: onnx.ModelProto) -> list[str]:
     """Annotate each ``GlobalAveragePool`` of a raw TorchScript export (node names still scoped:
     ``/layer4/pool/GlobalAveragePool``) with the torch module it came from (``ompq.module`` =
     ``layer4.pool``: the name a search on the hls4ml profile gives its pool conv, and the name
-    ``ompq inspect`` shows; not ``ompq.layer``, which marks the model's quantized layers); in place, before qonnx's cleanup
-    renames the nodes. A functional pool (no module scope) gets none. Returns the names."""
+    ``ompq inspect`` shows; not ``ompq.layer``, which marks the model's quantized layers); in
+    place, before qonnx's cleanup renames the nodes. A functional pool (no module scope) gets
+    none. Returns the names."""
     named = []
     for node in model.graph.node:
         scope = node.name.strip("/").split("/")[:-1]

@@ -336,9 +336,10 @@ def discover_and_stream(
     Without Grams the pass is the traced graph untapped (:func:`run_graph`: the same values as
     the plain forward, each freed after its last use; whole default searches with it and with
     the model's own forward were level on ResNet-20 / -56 and 4 % faster with it on MobileNetV2,
-    ``bench/results/untapped_pass.json``), or the plain forward of an untraceable model: non-finite values are caught where the pass
-    looks anyway (each scored layer input, the model's outputs) rather than by a reduction over
-    every layer's output; only then a second pass names the first layer that produced them.
+    ``bench/results/untapped_pass.json``), or the plain forward of an untraceable model:
+    non-finite values are caught where the pass looks anyway (each scored layer input, the
+    model's outputs) rather than by a reduction over every layer's output; only then a second
+    pass names the first layer that produced them.
     """
     found: dict[str, object] = {}
 

@@ -173,7 +173,7 @@ def hls4ml_pool_layers(model: nn.Module, found: ModelLayers, target: str) -> Fix
     by_name = {layer.name: layer for layer in found.layers}
     counted, uncounted = [], []
     for pool in found.graph.nodes:
-        if not _is_global_average_pool(pool, modules) or not isinstance(pool.args[0], torch.fx.Node):
+        if not (_is_global_average_pool(pool, modules) and isinstance(pool.args[0], torch.fx.Node)):
             continue
         reader = next((str(n.target) for n in layer_nodes
                        if n.args and _through(n.args[0], {pool}, modules)), None)

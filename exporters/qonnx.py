@@ -304,7 +304,7 @@ def export_qonnx(
         quiet = ("target", "bias_params_vectorised", "act_rounding", "act_quants_half_up")
         if any(v for k, v in prepared.items() if k not in quiet):
             model = qonnx_cleanup(model)
-        counted = {lb.name for lb in bits.fixed_layers} if bits is not None else set()
+        counted = {lb.name: lb.params for lb in bits.fixed_layers} if bits is not None else {}
         uncounted = T.uncounted_pool_convs(model, counted)
         t_clean = time.perf_counter()
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)

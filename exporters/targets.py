@@ -146,18 +146,26 @@ def name_global_pools(model: onnx.ModelProto) -> list[str]:
     return named
 
 
-def uncounted_pool_convs(model: onnx.ModelProto, counted: set[str]) -> list[str]:
-    """The pool convolutions of the graph (:func:`global_pools_as_depthwise`) whose module is
-    not in ``counted`` (a BitConfig's fixed layers), each as ``"name (N bits)"``: the memory the
-    file holds beyond the BitConfig's totals."""
+def uncounted_pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> list[str]:
+    """The pool convolutions of the graph (:func:`global_pools_as_depthwise`) that a BitConfig's
+    fixed layers (``counted``: name -> weights) do not count, each as ``"name (N bits)"``: the
+    memory the file holds beyond the BitConfig's totals. A pool conv matches the fixed layer of
+    its module's name; one with no module (a functional pool) matches a fixed layer no module
+    name took, of its number of weights."""
     g = V.Graph(model)
+    convs = [n for n in g.graph.node if V.node_meta(n).get("role") == "pool"]
+    named = {V.node_meta(n).get("module") for n in convs}
+    spare = [w for name, w in counted.items() if name not in named]
     out = []
-    for node in g.graph.node:
-        meta = V.node_meta(node)
-        if meta.get("role") != "pool" or meta.get("module") in counted:
+    for node in convs:
+        module = V.node_meta(node).get("module")
+        weights = int(np.prod(g.shape(node.input[1]) or [0]))
+        if module in counted:
             continue
-        size = int(np.prod(g.shape(node.input[1]) or [0])) * POOL_WEIGHT_BITS
-        out.append(f"{meta.get('module') or node.name} ({size} bits)")
+        if module is None and weights in spare:
+            spare.remove(weights)
+            continue
+        out.append(f"{module or node.name} ({weights * POOL_WEIGHT_BITS} bits)")
     return out
 
 

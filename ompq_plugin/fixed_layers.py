@@ -168,8 +168,8 @@ def hls4ml_pool_layers(model: nn.Module, found: ModelLayers, target: str) -> Fix
         return FixedLayers()
     modules = dict(model.named_modules())
     shape_of = {layer.feature_node: layer.output_shape for layer in found.layers}
-    layer_nodes = [n for n in found.graph.nodes
-                   if n.op == "call_module" and str(n.target) in set(found.names)]
+    names = set(found.names)
+    layer_nodes = [n for n in found.graph.nodes if n.op == "call_module" and str(n.target) in names]
     by_name = {layer.name: layer for layer in found.layers}
     counted, uncounted = [], []
     for pool in found.graph.nodes:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from ompq_plugin.exporters import export_qonnx
 from ompq_plugin.exporters import targets as T
 from ompq_plugin.exporters import verify as V
@@ -96,3 +97,37 @@ def test_target_for_profile():
     assert T.target_for_profile("hls4ml") == "hls4ml"
     assert T.target_for_profile("finn") == "finn"
     assert T.target_for_profile("tensorrt") == "generic" and T.target_for_profile(None) == "generic"
+
+
+class _FunctionalPoolNet(torch.nn.Module):
+    """conv -> ReLU -> F.adaptive_avg_pool2d(., 1) -> linear: a pool with no module name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_functional_pool_the_search_counted_is_matched_by_size(tmp_path):
+    import dataclasses
+
+    from ompq_plugin.hw_profiles import load_profile
+    from ompq_plugin.ptq import calibrate
+    from ompq_plugin.quantizer import quantize
+    from ompq_plugin.searcher import run_search
+
+    torch.manual_seed(0)
+    model = _FunctionalPoolNet().eval()
+    x = torch.rand(16, 3, 8, 8)
+    config = run_search(model, x, "hls4ml").config
+    assert [(lb.name, lb.params) for lb in config.fixed_layers] == [("adaptive_avg_pool2d", 256)]
+    q = quantize(model, config, load_profile("hls4ml"))
+    calibrate(q, x)
+    assert export_qonnx(q, tmp_path / "f.onnx", x[:4], config).uncounted_pool_convs == []
+    older = dataclasses.replace(config, fixed_layers=[])
+    (note,) = export_qonnx(q, tmp_path / "g.onnx", x[:4], older).uncounted_pool_convs
+    assert note.endswith(f"({256 * 2} bits)")

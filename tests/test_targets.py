@@ -116,6 +116,7 @@ def test_functional_pool_the_search_counted_is_matched_by_size(tmp_path):
     import dataclasses
 
     from ompq_plugin.hw_profiles import load_profile
+
     from ompq_plugin.ptq import calibrate
     from ompq_plugin.quantizer import quantize
     from ompq_plugin.searcher import run_search

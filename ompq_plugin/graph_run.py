@@ -13,9 +13,10 @@ Resolving every module once and reading flat argument tuples directly cut ResNet
 pass (N = 64, one thread) from 35.3 ms to 30.7 ms and ResNet-56's from 100.5 ms to 90.2 ms
 (minimum of 15, interleaved; the plain forward 34.7 / 96.3 ms; 2026-12-07, ad-hoc script).
 Untapped, on ResNet-20 later that day: median of 30 runs 31.6 / 32.1 ms against the plain
-forward's 44.3 / 42.4 ms (minima 31.2 / 31.1 against 31.5 / 32.8): freeing each value at its
-last use spares the plain forward's page faults (ad hoc; with glibc's mmap and trim thresholds
-raised, the plain forward's median was 39 ms).
+forward's 44.3 / 42.4 ms (minima 31.2 / 31.1 against 31.5 / 32.8; ad hoc): the plain forward's
+rounds flipped between ~33 and ~48 ms, page faults in part (with glibc's mmap and trim
+thresholds raised its median was a steady 39 ms). Whole default searches on either pass were
+level on ResNet-20 / -56 (``bench/results/untapped_pass.json``).
 """
 
 from __future__ import annotations

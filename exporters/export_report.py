@@ -26,6 +26,20 @@ class LayerExport:
     act_quant_node: str | None = None
 
 
+@dataclass(frozen=True)
+class PoolConv:
+    """An average pool the target's export wrote as a depthwise conv (exporters.targets)."""
+
+    name: str  # the pool's torch module, else the ONNX node
+    weight_bits: int
+    params: int
+    counted: bool  # in the BitConfig's fixed layers (and so in its totals)
+
+    def describe(self) -> str:
+        kib = self.params * self.weight_bits / 8192
+        return f"{self.name} ({self.weight_bits}-bit weights, {kib:.2f} KiB)"
+
+
 @dataclass
 class ExportReport:
     """What was written and how it was verified."""
@@ -50,8 +64,7 @@ class ExportReport:
     top1_agree: int | None = None  # images whose top-1 class is the same in torch and the graph
     target: str = "generic"  # the compiler the graph was shaped for (exporters.targets)
     hls4ml_config: Path | None = None  # hls4ml config entries written beside the file
-    # pools the target's export made convolutions of that the BitConfig does not count
-    uncounted_pool_convs: list[str] = field(default_factory=list)
+    pool_convs: list[PoolConv] = field(default_factory=list)  # hls4ml: pools written as convs
 
     @property
     def bits(self) -> dict[str, tuple[int | None, int | None]]:
@@ -60,7 +73,8 @@ class ExportReport:
 
     def summary(self) -> str:
         lines = [
-            f"wrote {self.path} ({self.format}, {len(self.layers)} quantized layers)",
+            f"wrote {self.path} ({self.format}, {len(self.layers)} quantized layers"
+            f"{self._pools()})",
             f"verified with {self.runtime} on {self.n_images} images against torch: "
             f"{self._criterion()}: {'PASS' if self.verified else 'FAIL'}",
             f"bits read back from the file match the {self._sources()} for every layer",
@@ -68,14 +82,19 @@ class ExportReport:
         if self.hls4ml_config is not None:
             lines.append(f"wrote {self.hls4ml_config} (hls4ml config entries for this file; "
                          "see README: hls4ml)")
-        if self.uncounted_pool_convs:
-            lines.append(f"note: this {self.target} file holds average pools as depthwise convs "
-                         "that the BitConfig's totals do not count: "
-                         f"{', '.join(self.uncounted_pool_convs)}; search with --profile "
-                         f"{self.target} to count them in the budgets")
+        uncounted = [pc.describe() for pc in self.pool_convs if not pc.counted]
+        if uncounted:
+            lines.append(f"note: the BitConfig's totals do not count {', '.join(uncounted)}: the "
+                         f"{self.target} export wrote the average pool as a depthwise conv; "
+                         f"`ompq search --profile {self.target}` counts it in the budgets")
         if self.hls4ml is not None:
             lines.append(self.hls4ml.summary())
         return "\n".join(lines)
+
+    def _pools(self) -> str:
+        n = len(self.pool_convs)
+        s = "s" if n != 1 else ""
+        return f" + {n} pool{s} as depthwise conv{s}" if n else ""
 
     def _criterion(self) -> str:
         diff = f"max |diff| = {self.max_abs_diff:.3g}"

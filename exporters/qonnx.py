@@ -305,7 +305,7 @@ def export_qonnx(
         if any(v for k, v in prepared.items() if k not in quiet):
             model = qonnx_cleanup(model)
         counted = {lb.name: lb.params for lb in bits.fixed_layers} if bits is not None else {}
-        uncounted = T.uncounted_pool_convs(model, counted)
+        pools = T.pool_convs(model, counted)
         t_clean = time.perf_counter()
         ver = verify_qonnx(model, qmodel, images, bits, tol=tol, exact=exact)
         t_verify = time.perf_counter()
@@ -327,7 +327,7 @@ def export_qonnx(
         qmodel.train(was_training)
     return ExportReport(
         path=written, format="qonnx", layers=ver.layers, node_map=node_map,
-        target=target, hls4ml_config=config_path, uncounted_pool_convs=uncounted,
+        target=target, hls4ml_config=config_path, pool_convs=pools,
         runtime=ver.runtime, verified=True, **ver.report_fields(),
         seconds={"export": t_export - t0, "cleanup": t_clean - t_export,
                  "verify": t_verify - t_clean, "total": time.perf_counter() - t0},

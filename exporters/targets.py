@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 from ompq_plugin.fixed_layers import POOL_WEIGHT_BITS
 
 from . import verify as V
+from .export_report import PoolConv
 from .graph_session import GraphSession
 
 TARGETS = ("generic", "hls4ml", "finn")
@@ -146,12 +147,12 @@ def name_global_pools(model: onnx.ModelProto) -> list[str]:
     return named
 
 
-def uncounted_pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> list[str]:
-    """The pool convolutions of the graph (:func:`global_pools_as_depthwise`) that a BitConfig's
-    fixed layers (``counted``: name -> weights) do not count, each as ``"name (N bits)"``: the
-    memory the file holds beyond the BitConfig's totals. A pool conv matches the fixed layer of
-    its module's name; one with no module (a functional pool) matches a fixed layer no module
-    name took, of its number of weights."""
+def pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> list[PoolConv]:
+    """The pool convolutions of the graph (:func:`global_pools_as_depthwise`), each marked as
+    counted or not by a BitConfig's fixed layers (``counted``: name -> weights): the uncounted
+    ones are memory the file holds beyond the BitConfig's totals. A pool conv matches the fixed
+    layer of its module's name; one with no module (a functional pool) matches a fixed layer no
+    module name took, of its number of weights."""
     g = V.Graph(model)
     convs = [n for n in g.graph.node if V.node_meta(n).get("role") == "pool"]
     named = {V.node_meta(n).get("module") for n in convs}
@@ -160,12 +161,10 @@ def uncounted_pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> lis
     for node in convs:
         module = V.node_meta(node).get("module")
         weights = int(np.prod(g.shape(node.input[1]) or [0]))
-        if module in counted:
-            continue
-        if module is None and weights in spare:
+        found = module in counted or (module is None and weights in spare)
+        if module not in counted and found:
             spare.remove(weights)
-            continue
-        out.append(f"{module or node.name} ({weights * POOL_WEIGHT_BITS} bits)")
+        out.append(PoolConv(module or node.name, POOL_WEIGHT_BITS, weights, found))
     return out
 
 

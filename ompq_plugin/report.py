@@ -58,7 +58,8 @@ def totals_rows(config: BitConfig) -> list[tuple[str, str, str]]:
     widths = "/".join(str(b) for b in sorted({lb.weight_bits for lb in fixed}))
     extra = [(
         "of which: convs quantize / export add",
-        f"{', '.join(lb.name for lb in fixed)} at {widths} bit: "
+        f"{len(fixed)} conv{'s' if len(fixed) != 1 else ''}, {widths}-bit weights "
+        f"({', '.join(lb.name for lb in fixed)}): together "
         f"{sum(lb.weight_memory_bits for lb in fixed) / KIB_BITS:.2f} KiB, "
         f"{sum(lb.bops for lb in fixed) / 1e9:.3f} G BOPs",
         "counted",

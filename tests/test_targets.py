@@ -11,6 +11,7 @@ import torch
 from ompq_plugin.exporters import export_qonnx
 from ompq_plugin.exporters import targets as T
 from ompq_plugin.exporters import verify as V
+from ompq_plugin.exporters.export_report import PoolConv
 from test_export import make_small, real_images, small_bitconfig
 
 
@@ -50,9 +51,13 @@ def test_hls4ml_target_pool_as_depthwise_conv_and_config(exported):
 def test_hls4ml_export_names_the_pool_conv_its_bitconfig_does_not_count(exported):
     reports, _ = exported
     # the hand-made BitConfig lists no fixed layers: the 16-channel 16x16 pool conv is extra
-    assert reports["hls4ml"].uncounted_pool_convs == [f"pool ({16 * 16 * 16 * 2} bits)"]
-    assert "search with --profile hls4ml to count them" in reports["hls4ml"].summary()
-    assert reports["finn"].uncounted_pool_convs == []  # FINN keeps the pool
+    (pool,) = reports["hls4ml"].pool_convs
+    assert pool == PoolConv("pool", 2, 16 * 16 * 16, counted=False)
+    summary = reports["hls4ml"].summary()
+    assert "(qonnx, 3 quantized layers + 1 pool as depthwise conv)" in summary
+    assert "do not count pool (2-bit weights, 1.00 KiB)" in summary
+    assert "`ompq search --profile hls4ml` counts it" in summary
+    assert reports["finn"].pool_convs == []  # FINN keeps the pool
 
 
 def test_finn_target_keeps_pool_and_no_config(exported):
@@ -128,7 +133,8 @@ def test_functional_pool_the_search_counted_is_matched_by_size(tmp_path):
     assert [(lb.name, lb.params) for lb in config.fixed_layers] == [("adaptive_avg_pool2d", 256)]
     q = quantize(model, config, load_profile("hls4ml"))
     calibrate(q, x)
-    assert export_qonnx(q, tmp_path / "f.onnx", x[:4], config).uncounted_pool_convs == []
+    (pool,) = export_qonnx(q, tmp_path / "f.onnx", x[:4], config).pool_convs
+    assert pool.counted and pool.params == 256
     older = dataclasses.replace(config, fixed_layers=[])
-    (note,) = export_qonnx(q, tmp_path / "g.onnx", x[:4], older).uncounted_pool_convs
-    assert note.endswith(f"({256 * 2} bits)")
+    (pool,) = export_qonnx(q, tmp_path / "g.onnx", x[:4], older).pool_convs
+    assert not pool.counted and pool.params == 256

@@ -72,13 +72,18 @@ def add_data_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help=DATA_HELP)
 
 
-def add_input_options(p: argparse.ArgumentParser, what: str = "the model") -> None:
+def add_input_options(
+    p: argparse.ArgumentParser, what: str = "the model", bitconfig: bool = True
+) -> None:
+    """``--input-size`` / ``--mean`` / ``--std``; ``bitconfig``: the command reads a BitConfig,
+    whose recorded input comes first among the defaults."""
+    first = "the BitConfig's, else " if bitconfig else ""
     p.add_argument("--input-size", type=parse_input_size, metavar="[Cx]HxW",
                    help=f"input size of {what}; images are resized (bilinear) to it (default: "
-                   "the BitConfig's, else the registry model's, else the images' own size)")
+                   f"{first}the registry model's, else the images' own size)")
     p.add_argument("--mean", type=parse_floats, metavar="M1,M2,...",
-                   help="per-channel mean, applied to pixels scaled to 0..1 (default: the "
-                   "BitConfig's, else the registry model's, else none)")
+                   help="per-channel mean, applied to pixels scaled to 0..1 (default: "
+                   f"{first}the registry model's, else none)")
     p.add_argument("--std", type=parse_floats, metavar="S1,S2,...",
                    help="per-channel std (default: as --mean; none means 1)")
 
@@ -95,7 +100,7 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = False) -> Non
                    "(default: the data folder's weights/ for a registry model, the embedded "
                    "ResNet-20 without a data folder, else random weights)")
     add_data_option(p)
-    add_input_options(p)
+    add_input_options(p, bitconfig=False)  # search and pareto read no BitConfig
 
 
 # ---------------------------------------------------------------------------- messages

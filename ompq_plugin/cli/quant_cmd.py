@@ -121,8 +121,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     for text in qmodel.ompq_report.notes():
         print(f"ompq: note: {text}", file=sys.stderr)
     fixed = len(qmodel.ompq_report.fixed_layers)
+    # fixed layers the BitConfig counts that quantize does not build: the export adds them
+    later = [lb.name for lb in bits.fixed_layers if lb.name not in qmodel.ompq_report.fixed_layers]
+    extra = ([f"+{fixed} frozen shortcut convs"] if fixed else []) + (
+        [f"{', '.join(later)}: a conv in the {profile.name} export, counted"] if later else [])
     print(f"wrote {args.output}: {len(bits.layers)} layers"
-          + (f" (+{fixed} frozen shortcut convs)" if fixed else "")
+          + (f" ({'; '.join(extra)})" if extra else "")
           + f", average weight bits {bits.average_weight_bits:.2f} (the model's layers), "
           f"profile {profile.name}")
     return 0

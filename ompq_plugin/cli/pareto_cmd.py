@@ -8,7 +8,7 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from ompq_plugin.budgets import Budgets
+from ompq_plugin.budgets import KIB_BITS, Budgets
 from ompq_plugin.cli.common import add_model_options
 from ompq_plugin.cli.search_cmd import (
     BUDGET_FLAGS,
@@ -132,12 +132,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(front.to_json(), indent=1))
     else:
-        print(f"{'point':>5} {'avg w bits':>10} {'GBOPs':>10} {'objective':>12} status   solver")
+        print(f"{'point':>5} {'avg w bits':>10} {'weight KiB':>10} {'GBOPs':>10} "
+              f"{'objective':>12} status   solver")
         for i, p in enumerate(front.points):
             a = p.allocation
             print(
                 f"{i:>5} {front.average_weight_bits(i):>10.3f} "
-                f"{a.bops / 1e9:>10.3f} {a.objective:>12.6g} {a.status:<8} {a.solver}"
+                f"{a.weight_memory_bits / KIB_BITS:>10.2f} {a.bops / 1e9:>10.3f} "
+                f"{a.objective:>12.6g} {a.status:<8} {a.solver}"
             )
         written = args.output + (f" and {len(front.points)} BitConfigs in {args.bits_dir}"
                                  if args.bits_dir else "")

@@ -171,11 +171,10 @@ def test_hls4ml_pool_conv_is_counted_on_the_hls4ml_profile_only(net):
 
 
 class _FunctionalPool(nn.Module):
-    def __init__(self, side: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.fc = nn.Linear(4, 2)
-        self.side = side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv(x))
@@ -184,20 +183,20 @@ class _FunctionalPool(nn.Module):
 
 @pytest.mark.parametrize(("side", "counted"), [(8, True), (6, False)])  # 64 / 36 pixels
 def test_functional_global_pool_over_power_of_two_pixels_is_counted(side, counted):
-    model = _FunctionalPool(side).eval()
+    model = _FunctionalPool().eval()
     found = discover_layers(model, torch.randn(1, 3, side, side))
     pools = hls4ml_pool_layers(model, found, "hls4ml")
     assert [(f.params, f.reader) for f in pools.layers] == ([(4 * 64, "fc")] if counted else [])
 
 
-def test_pool_of_a_tensor_no_layer_feature_gives_is_named_not_counted():
+def test_pool_whose_input_size_the_search_cannot_tell_is_named_not_counted():
     class Summed(_FunctionalPool):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.relu(self.conv(x))
             pooled = torch.nn.functional.adaptive_avg_pool2d(y + y.flip(2), 1)
             return self.fc(torch.flatten(pooled, 1))
 
-    model = Summed(8).eval()
+    model = Summed().eval()  # pools y + flip(y): no layer's feature, so no known shape
     found = discover_layers(model, torch.randn(1, 3, 8, 8))
     assert hls4ml_pool_layers(model, found, "hls4ml") == FixedLayers(
         uncounted_pools=("adaptive_avg_pool2d",))

@@ -90,7 +90,9 @@ def totals_table(config: BitConfig) -> Table:
         table.add_row(*row)
     timings = config.timings
     if timings:
-        spent = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in timings.items())
+        # seconds end in _s; the rest are counts (hessian_iterations, distortion_forwards)
+        spent = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" if k.endswith("_s")
+                          else f"{k.replace('_', ' ')} {v:g}" for k, v in timings.items())
         table.caption = f"time: {spent}"
     return table
 

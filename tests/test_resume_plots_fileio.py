@@ -215,3 +215,13 @@ def test_orm_and_bit_charts_are_readable_at_resnet56_size() -> None:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_totals_caption_shows_counts_as_counts_and_seconds_as_seconds() -> None:
+    from ompq_plugin.bitconfig import BitConfig, LayerBits
+    from ompq_plugin.report import totals_table
+
+    layer = LayerBits("conv", "conv", 4, 8, 100, 1000, 10, "g")
+    config = BitConfig(model="m", profile="generic", method="hawq", layers=[layer],
+                       timings={"hessian_s": 5.9, "hessian_iterations": 100.0})
+    assert totals_table(config).caption == "time: hessian 5.90 s, hessian iterations 100"

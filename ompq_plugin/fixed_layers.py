@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ompq_plugin.bitconfig import FIXED_KIND, LayerBits
+from ompq_plugin.graph_ops import adaptive_pool_output, is_one_by_one
 from ompq_plugin.hw_profiles.profile import HardwareProfile
 from ompq_plugin.layers import ModelLayers, input_point
 
@@ -198,14 +198,5 @@ def hls4ml_pool_layers(model: nn.Module, found: ModelLayers, target: str) -> Fix
 
 def _is_global_average_pool(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """An average pool to 1 x 1 that the ONNX export writes as ``GlobalAveragePool``."""
-    if node.op == "call_module":
-        module = modules.get(str(node.target))
-        return isinstance(module, nn.AdaptiveAvgPool2d) and _one_by_one(module.output_size)
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-        return _one_by_one(size)
-    return False
-
-
-def _one_by_one(size: object) -> bool:
-    return size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))
+    size = adaptive_pool_output(node, modules)
+    return size is not None and is_one_by_one(size)

@@ -96,26 +96,37 @@ class AnySizeAdaptiveAvgPool2d(nn.Module):
         return torch.matmul(pw, y.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _divides(size: object) -> bool:
+def is_one_by_one(size: object) -> bool:
+    """Whether an adaptive pool's output size is 1 x 1 (a global pool, ONNX GlobalAveragePool)."""
     sizes = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[arg-type]
     return all(s == 1 for s in sizes)
+
+
+def adaptive_pool_output(node: fx.Node, modules: dict[str, nn.Module]) -> object | None:
+    """The output size of an adaptive average pool node (an ``AdaptiveAvgPool2d`` module or an
+    ``F.adaptive_avg_pool2d`` call); None for any other node, or a call that gives none."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return module.output_size if isinstance(module, nn.AdaptiveAvgPool2d) else None
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+    return None
 
 
 def replace_adaptive_pools(gm: fx.GraphModule) -> list[str]:
     """Adaptive average pools to anything but 1x1 -> :class:`AnySizeAdaptiveAvgPool2d`."""
     replaced = []
+    modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
+        size = adaptive_pool_output(node, modules)
+        if size is None or is_one_by_one(size):
+            continue
         if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            if isinstance(module, nn.AdaptiveAvgPool2d) and not _divides(module.output_size):
-                parent, _, attr = str(node.target).rpartition(".")
-                owner = gm.get_submodule(parent) if parent else gm
-                setattr(owner, attr, AnySizeAdaptiveAvgPool2d(module.output_size))
-                replaced.append(str(node.target))
-        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-            size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-            if size is None or _divides(size):
-                continue
+            parent, _, attr = str(node.target).rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            setattr(owner, attr, AnySizeAdaptiveAvgPool2d(size))
+            replaced.append(str(node.target))
+        else:
             name = f"{node.name}_anysize"
             gm.add_submodule(name, AnySizeAdaptiveAvgPool2d(size))
             with gm.graph.inserting_before(node):

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ompq_plugin.budgets import KIB_BITS
+
 DEFAULT_TOL = 1e-5
 
 
@@ -36,7 +38,7 @@ class PoolConv:
     counted: bool  # in the BitConfig's fixed layers (and so in its totals)
 
     def describe(self) -> str:
-        kib = self.params * self.weight_bits / 8192
+        kib = self.params * self.weight_bits / KIB_BITS
         return f"{self.name} ({self.weight_bits}-bit weights, {kib:.2f} KiB)"
 
 

@@ -131,20 +131,17 @@ def global_pools_as_depthwise(model: onnx.ModelProto) -> list[str]:
     return done
 
 
-def name_global_pools(model: onnx.ModelProto) -> list[str]:
+def name_global_pools(model: onnx.ModelProto) -> None:
     """Annotate each ``GlobalAveragePool`` of a raw TorchScript export (node names still scoped:
     ``/layer4/pool/GlobalAveragePool``) with the torch module it came from (``ompq.module`` =
     ``layer4.pool``: the name a search on the hls4ml profile gives its pool conv, and the name
     ``ompq inspect`` shows; not ``ompq.layer``, which marks the model's quantized layers); in
     place, before qonnx's cleanup renames the nodes. A functional pool (no module scope) gets
-    none. Returns the names."""
-    named = []
+    none."""
     for node in model.graph.node:
         scope = node.name.strip("/").split("/")[:-1]
         if node.op_type == "GlobalAveragePool" and scope:
             V.set_node_meta(node, module=".".join(scope))
-            named.append(".".join(scope))
-    return named
 
 
 def pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> list[PoolConv]:
@@ -161,10 +158,11 @@ def pool_convs(model: onnx.ModelProto, counted: dict[str, int]) -> list[PoolConv
     for node in convs:
         module = V.node_meta(node).get("module")
         weights = int(np.prod(g.shape(node.input[1]) or [0]))
-        found = module in counted or (module is None and weights in spare)
-        if module not in counted and found:
+        by_size = module is None and weights in spare
+        if by_size:
             spare.remove(weights)
-        out.append(PoolConv(module or node.name, POOL_WEIGHT_BITS, weights, found))
+        out.append(PoolConv(module or node.name, POOL_WEIGHT_BITS, weights,
+                            counted=module in counted or by_size))
     return out
 
 
